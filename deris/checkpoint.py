@@ -1,0 +1,308 @@
+"""Official DeRIS checkpoints <-> this project's modules.
+
+Official checkpoints (``Dmmm1997/DeRIS``, mmcv format: a dict holding ``state_dict``, keys
+possibly prefixed ``module.``) are mapped key by key to this project's names. Loading is strict:
+every missing, unexpected or mis-shaped key is reported by name in one :class:`CheckpointError`.
+Parameters that are dead at inference (spec section 10, item 11) are accepted and dropped;
+they are listed in :data:`DEAD_AT_INFERENCE`. Swin's ``relative_position_index`` buffers are a
+pure function of the window size: they are checked against ours, not loaded.
+
+This project's own format is the model's ``state_dict`` saved as safetensors (with the preset
+in the metadata) or as a torch file ``{"deris_format": 1, "preset": ..., "state_dict": ...}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+OFFICIAL_ROOTS = ("understanding_branch.", "perception_branch.", "head.")
+
+# Official keys that no inference output depends on: accepted, then dropped.
+DEAD_AT_INFERENCE: tuple[tuple[str, str], ...] = (
+    (r"^head\.criterion\.empty_weight$", "loss-only class weights"),
+    (r"^perception_branch\.nt_embed\.", "perception-side existence head, never called"),
+    (r"^perception_branch\.perception_query_embed\.", "unused query table"),
+    (r"^perception_branch\.predictor\.box_embed\.", "box head, never trained (loss weight 0)"),
+    (r"^perception_branch\.predictor\.cls_embed\.", "perception class head, output unused"),
+    (r"^perception_branch\.predictor\.SEG_proj\.", "MLP never called"),
+    (r"^perception_branch\.predictor\.Q2TCA\.\d+\.cross_attn\.mapmlp\.", "only used with a cross-attention mask, never given"),
+    (r"^understanding_branch\.logit_embed\.", "cognition class head, computed and discarded"),
+    (r"^understanding_branch\.vis_enc\.beit3\.vision_embed\.mask_token$", "BEiT-3 pretraining mask token"),
+)
+DERIVED = re.compile(r"\.relative_position_index$")
+
+# (official prefix, our prefix, rewrites applied in order to the rest of the key)
+KEY_GROUPS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "understanding_branch.vis_enc.beit3.",
+        "cognition.beit3.",
+        (
+            (r"^vision_embed\.proj\.", "patch_embed."),
+            (r"^vision_embed\.cls_token$", "cls_token"),
+            (r"^encoder\.embed_positions\.A\.", "pos_embed.vision."),
+            (r"^encoder\.embed_positions\.B\.", "pos_embed.text."),
+            (r"^encoder\.layer_norm\.", "norm."),
+            (r"^encoder\.layers\.", "layers."),
+            (r"\.self_attn_layer_norm\.", ".attn_norm."),
+            (r"\.self_attn\.inner_attn_ln\.", ".attn.inner_norm."),
+            (r"\.self_attn\.", ".attn."),
+            (r"\.final_layer_norm\.", ".ffn_norm."),
+            (r"\.ffn_layernorm\.", ".norm."),
+            (r"\.A\.", ".vision."),
+            (r"\.B\.", ".text."),
+        ),
+    ),
+    ("understanding_branch.vis_embed.", "cognition.image_proj.", ()),
+    ("understanding_branch.text_embed.", "cognition.text_proj.", ()),
+    ("understanding_branch.perception_embed.", "cognition.query_proj.", ()),
+    ("understanding_branch.init_query.", "cognition.init_query.", ()),
+    (
+        "understanding_branch.roialigner.TextCorrelation.",
+        "existence.",
+        (
+            (r"^post_norm_layer\.", "norm."),
+            (r"\.attentions\.0\.attn\.", ".self_attn."),
+            (r"\.attentions\.1\.attn\.", ".cross_attn."),
+            (r"\.norms\.0\.", ".self_norm."),
+            (r"\.norms\.1\.", ".cross_norm."),
+            (r"\.norms\.2\.", ".ffn_norm."),
+            (r"\.ffns\.0\.layers\.0\.0\.", ".linear1."),
+            (r"\.ffns\.0\.layers\.1\.", ".linear2."),
+        ),
+    ),
+    ("understanding_branch.nt_embed.", "existence.head.", ()),
+    ("perception_branch.hier_vision_encoder.", "perception.swin.", ()),
+    (
+        "perception_branch.pixel_decoder.",
+        "perception.pixel_decoder.",
+        (
+            (r"^transformer\.level_embed$", "level_embed"),
+            (r"^transformer\.encoder\.layers\.", "encoder."),
+            (r"^adapter_1\.", "lateral."),
+            (r"^layer_1\.", "fpn_output."),
+        ),
+    ),
+    (
+        "perception_branch.predictor.",
+        "decoder.",
+        (
+            (r"^transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"layers.\1.cross_attn.attn."),
+            (r"^transformer_cross_attention_layers\.(\d+)\.norm\.", r"layers.\1.cross_attn.norm."),
+            (r"^transformer_self_attention_layers\.(\d+)\.self_attn\.", r"layers.\1.self_attn.attn."),
+            (r"^transformer_self_attention_layers\.(\d+)\.norm\.", r"layers.\1.self_attn.norm."),
+            (r"^transformer_ffn_layers\.(\d+)\.", r"layers.\1.ffn."),
+            (r"^channel_proj_conv\.", "fusion."),
+            (r"^SEG_cls\.", "refer_head."),
+            (r"^query_SA\.(\d+)\.self_attn\.", r"loopback.\1.query_sa.attn."),
+            (r"^query_SA\.(\d+)\.norm\.", r"loopback.\1.query_sa.norm."),
+            # Q2TCA's post-LN order is self-attn -> norm2, cross-attn -> norm1, FFN -> norm3.
+            (r"^Q2TCA\.(\d+)\.norm2\.", r"loopback.\1.text_attn.self_norm."),
+            (r"^Q2TCA\.(\d+)\.norm1\.", r"loopback.\1.text_attn.cross_norm."),
+            (r"^Q2TCA\.(\d+)\.norm3\.", r"loopback.\1.text_attn.ffn_norm."),
+            (r"^Q2TCA\.(\d+)\.", r"loopback.\1.text_attn."),
+            (r"^refer_proj\.(\d+)\.", r"loopback.\1.refer_proj."),
+        ),
+    ),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded strictly; the message names every offending key."""
+
+
+@dataclass
+class ConversionReport:
+    """What the converter did with an official state dict."""
+
+    mapped: dict[str, str] = field(default_factory=dict)  # official -> ours
+    dropped: dict[str, str] = field(default_factory=dict)  # official -> reason
+    derived_checked: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dead-at-inference tensors dropped, "
+            f"{len(self.derived_checked)} derived index buffers checked"
+        )
+
+
+def dead_reason(key: str) -> str | None:
+    for pattern, reason in DEAD_AT_INFERENCE:
+        if re.search(pattern, key):
+            return reason
+    return None
+
+
+def official_to_ours(key: str) -> str | None:
+    """Our name for an official key, or None if no rule covers it."""
+    for official_prefix, our_prefix, rewrites in KEY_GROUPS:
+        if key.startswith(official_prefix):
+            rest = key[len(official_prefix) :]
+            for pattern, repl in rewrites:
+                rest = re.sub(pattern, repl, rest)
+            return our_prefix + rest
+    return None
+
+
+def is_official(state_dict: Mapping[str, object]) -> bool:
+    return any(k.startswith(OFFICIAL_ROOTS) for k in state_dict)
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def convert_official(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Map an official state dict to ours; derived buffers are checked against ``model``'s."""
+    report = ConversionReport()
+    ours: dict[str, torch.Tensor] = {}
+    buffers = dict(model.named_buffers())
+    derived_mismatch = []
+    for key, tensor in state_dict.items():
+        reason = dead_reason(key)
+        if reason is not None:
+            report.dropped[key] = reason
+            continue
+        name = official_to_ours(key)
+        if name is None:
+            report.unmapped.append(key)
+            continue
+        if DERIVED.search(key):
+            expected = buffers.get(name)
+            if expected is None or expected.shape != tensor.shape or not torch.equal(expected.cpu(), tensor.cpu()):
+                derived_mismatch.append(key)
+            report.derived_checked.append(key)
+            continue
+        report.mapped[key] = name
+        ours[name] = tensor
+    if derived_mismatch:
+        raise CheckpointError(
+            "relative_position_index buffers differ from the standard Swin construction for this preset's "
+            f"window size (wrong preset?): {', '.join(derived_mismatch)}"
+        )
+    return ours, report
+
+
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, official_names: Mapping[str, str] | None = None, unmapped: list[str] | None = None
+) -> None:
+    """Raise one CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    back = {v: k for k, v in (official_names or {}).items()}
+
+    def label(name: str) -> str:
+        return f"{name} (official {back[name]})" if name in back else name
+
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected)) + sorted(unmapped or [])
+    shapes = [
+        f"{label(k)}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    preset = getattr(getattr(model, "cfg", None), "name", "this model")
+    lines = [
+        f"checkpoint does not match preset {preset!r}: {len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(shapes)} mis-shaped keys"
+    ]
+    if shapes:
+        lines.append("first shape mismatches (a checkpoint of another preset?): " + "; ".join(shapes[:3]))
+    for title, items in (("missing", [label(k) for k in missing]), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            lines.append(f"{title} ({len(items)}):")
+            lines.extend(f"  {item}" for item in items)
+    raise CheckpointError("\n".join(lines))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint file -> (state dict, metadata). Accepts safetensors, this project's torch
+    format, an official mmcv checkpoint (a dict with ``state_dict``) or a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {path} as a torch checkpoint (expected a .pth/.pt file holding a state dict, "
+            f"an official DeRIS checkpoint, or a .safetensors file): {exc}"
+        ) from exc
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        if "preset" in obj:
+            meta["preset"] = str(obj["preset"])
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj, meta
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> ConversionReport | None:
+    """Load an official DeRIS checkpoint or one in this project's format into ``model``, strictly.
+
+    Returns the conversion report for official checkpoints, None for this project's format.
+    """
+    meta: dict[str, str] = {}
+    if isinstance(checkpoint, Mapping):
+        state_dict = dict(checkpoint)
+        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+            state_dict = dict(state_dict["state_dict"])  # type: ignore[arg-type]
+    else:
+        state_dict, meta = read_checkpoint(checkpoint)
+    state_dict = strip_module_prefix(state_dict)
+    preset = getattr(getattr(model, "cfg", None), "name", None)
+    if meta.get("preset") and preset and meta["preset"] != preset:
+        raise CheckpointError(f"checkpoint was saved for preset {meta['preset']!r}, model is {preset!r}")
+    report = None
+    if is_official(state_dict):
+        state_dict, report = convert_official(state_dict, model)
+        check_state_dict(state_dict, model, report.mapped, report.unmapped)
+    else:
+        check_state_dict(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
+    return report
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Save ``model`` in this project's format (``.safetensors``, else a torch file), atomically."""
+    path = Path(path)
+    preset = str(getattr(getattr(model, "cfg", None), "name", ""))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, tmp, metadata={"format": "deris", "format_version": str(FORMAT_VERSION), "preset": preset})
+        else:
+            torch.save({"deris_format": FORMAT_VERSION, "preset": preset, "state_dict": state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

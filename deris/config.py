@@ -1,0 +1,166 @@
+"""DeRIS configurations: plain dataclasses and named presets.
+
+Every number of the official presets comes from the official configs as documented in
+``shared/spec/ARCHITECTURE.md`` (sections 1, 4, 5, 6) and the state_dict manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QuerySAMode = Literal["per_sample", "official_batch"]
+QUERY_SA_MODES: tuple[str, ...] = ("per_sample", "official_batch")
+
+
+@dataclass(frozen=True)
+class BEiT3Config:
+    """BEiT-3 multiway encoder of the cognition branch (torchscale 0.3.0 as DeRIS configures it)."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    vocab_size: int = 64010
+    img_size: int = 224
+    patch_size: int = 16
+    max_text_positions: int = 1024
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Swin backbone of the perception branch (the detectron2 "D2Swin" variant)."""
+
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of res2..res5."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+
+@dataclass(frozen=True)
+class PixelDecoderConfig:
+    """Mask2Former MSDeformAttn pixel decoder (6 deformable encoder layers over res3..res5)."""
+
+    num_layers: int = 6
+    num_heads: int = 8
+    num_points: int = 4
+    ffn_dim: int = 1024
+    num_groups: int = 32
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Masked-attention query decoder with the four loopback rounds."""
+
+    num_layers: int = 3
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    text_attn_ffn_dim: int = 2048
+    aligner_layers: int = 3
+    aligner_ffn_dim: int = 512
+
+
+@dataclass(frozen=True)
+class DerisConfig:
+    name: str
+    beit3: BEiT3Config
+    swin: SwinConfig
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    hidden_dim: int = 256
+    num_queries: int = 20
+    max_text_len: int = 50
+    image_size: int = 384
+    score_threshold: float = 0.7
+    mask_threshold: float = 0.5
+    # "per_sample": batch-invariant serving semantics (= official at batch size 1).
+    # "official_batch": the official query_SA that attends across the batch axis.
+    query_sa: QuerySAMode = "per_sample"
+
+    @property
+    def mini_image_size(self) -> int:
+        return self.beit3.img_size
+
+    def replace(self, **overrides: Any) -> "DerisConfig":
+        """A copy with some fields changed, validated."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            accepted = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"unknown config field(s) {unknown}; accepted: {accepted}")
+        cfg = dataclasses.replace(self, **overrides)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.query_sa not in QUERY_SA_MODES:
+            raise ValueError(f"query_sa must be one of {QUERY_SA_MODES}, got {self.query_sa!r}")
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        for name in ("score_threshold", "mask_threshold"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be inside (0, 1), got {value}")
+        if self.max_text_len < 3:
+            raise ValueError(f"max_text_len must be >= 3 (bos, one token, eos), got {self.max_text_len}")
+
+
+BEIT3_BASE = BEiT3Config(embed_dim=768, depth=12, num_heads=12, ffn_dim=3072)
+BEIT3_LARGE = BEiT3Config(embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096)
+SWIN_S = SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7)
+SWIN_B_384 = SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12)
+
+# Score thresholds are the official configs' values. Note: the official tools/test.py overrides
+# them with its CLI default 0.7, which is how the README's RefCOCO numbers were evaluated.
+PRESETS: dict[str, DerisConfig] = {
+    "deris-b-grefcoco": DerisConfig(
+        "deris-b-grefcoco", BEIT3_BASE, SWIN_S, num_queries=20, max_text_len=50, score_threshold=0.7
+    ),
+    "deris-b-refcoco": DerisConfig(
+        "deris-b-refcoco", BEIT3_BASE, SWIN_S, num_queries=10, max_text_len=20, score_threshold=0.9
+    ),
+    "deris-l-grefcoco": DerisConfig(
+        "deris-l-grefcoco", BEIT3_LARGE, SWIN_B_384, num_queries=20, max_text_len=50, score_threshold=0.9
+    ),
+    "deris-l-refcoco": DerisConfig(
+        "deris-l-refcoco", BEIT3_LARGE, SWIN_B_384, num_queries=10, max_text_len=20, score_threshold=0.9
+    ),
+    # Same architecture at toy widths and depths, for fast tests; every code path is exercised
+    # (Swin padding at every stage with window 7, shifted windows, 3 levels, 4 loopback rounds).
+    "deris-tiny": DerisConfig(
+        "deris-tiny",
+        BEiT3Config(embed_dim=64, depth=2, num_heads=2, ffn_dim=128),
+        SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7),
+        PixelDecoderConfig(num_layers=2, num_heads=4, num_points=2, ffn_dim=128, num_groups=8),
+        DecoderConfig(ffn_dim=128, text_attn_ffn_dim=128, aligner_layers=2, aligner_ffn_dim=64),
+        hidden_dim=64,
+        num_queries=5,
+        max_text_len=16,
+        image_size=128,
+        score_threshold=0.5,
+    ),
+}
+
+# The official config names used by the golden files and the official repository.
+OFFICIAL_NAMES = {
+    "DERIS-B-grefcoco": "deris-b-grefcoco",
+    "DERIS-B-refcoco": "deris-b-refcoco",
+    "DERIS-L-grefcoco": "deris-l-grefcoco",
+    "DERIS-L-refcoco": "deris-l-refcoco",
+}
+
+
+def get_config(preset: str, **overrides: Any) -> DerisConfig:
+    """The named preset, with optional field overrides (e.g. ``query_sa="official_batch"``)."""
+    key = OFFICIAL_NAMES.get(preset, preset)
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[key]
+    return cfg.replace(**overrides) if overrides else cfg
