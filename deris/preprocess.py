@@ -183,8 +183,8 @@ def _normalize(bgr: np.ndarray) -> np.ndarray:
     the last bit.
     """
     img = bgr.astype(np.float32)
-    mean = np.float64(MEAN_RGB.reshape(1, -1))
-    stdinv = 1 / np.float64(STD_RGB.reshape(1, -1))
+    mean = MEAN_RGB.reshape(1, -1).astype(np.float64)
+    stdinv = 1 / STD_RGB.reshape(1, -1).astype(np.float64)
     cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
     cv2.subtract(img, mean, img)
     cv2.multiply(img, stdinv, img)

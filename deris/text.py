@@ -1,7 +1,8 @@
 """Text input path: clean a referring expression and turn it into BEiT-3 token ids and a padding mask.
 
-As the official pipeline (ARCHITECTURE.md section 2.2), checked against the official loaders
-``LoadImageAnnotationsFromFile_TO`` / ``LoadImageAnnotationsFromFileGRES_TO`` (``_load_expression_tokenize_beit3``):
+As the official pipeline (ARCHITECTURE.md section 2.2), checked against the source of the official loaders
+``LoadImageAnnotationsFromFile_TO`` / ``LoadImageAnnotationsFromFileGRES_TO`` (``_load_expression_tokenize_beit3``,
+read from the public code index):
 
 * ``clean_string``: ``re.sub(r"[.,'!?\\"()*#:;]", "", text.lower())`` then ``-`` and ``/`` become spaces;
   whitespace is not collapsed there (the tokenizer splits on whitespace anyway).
@@ -20,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import sentencepiece
@@ -44,7 +46,7 @@ class TokenizerError(ValueError):
 
 
 def clean_string(text: str) -> str:
-    """Official ``clean_string``: lowercase, delete ``. , ' ! ? " ( ) * # : ;``, then turn ``-`` and ``/`` into spaces."""
+    """Official ``clean_string``: lowercase, delete ``. , ' ! ? " ( ) * # : ;``, turn ``-`` and ``/`` into spaces."""
     return _DELETED_CHARS.sub("", text.lower()).replace("-", " ").replace("/", " ")
 
 
@@ -143,7 +145,8 @@ class TextEncoder:
             raise TextError(f"text must be a str (or UTF-8 bytes), got {type(text).__name__}")
         if not text.strip():
             raise TextError(f"text is empty: {text!r}; a referring expression is needed")
-        ids = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(clean_string(text)))
+        # A list of tokens gives a list of ids.
+        ids = cast(list[int], self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(clean_string(text))))
         if not ids:
             raise TextError(f"text has no tokens after cleaning (punctuation is removed): {text!r}")
         return ids
