@@ -126,6 +126,7 @@ class ConversionReport:
     mapped: dict[str, str] = field(default_factory=dict)  # official -> ours
     dropped: dict[str, str] = field(default_factory=dict)  # official -> reason
     derived_checked: list[str] = field(default_factory=list)
+    derived_mismatched: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -168,7 +169,6 @@ def convert_official(
     report = ConversionReport()
     ours: dict[str, torch.Tensor] = {}
     buffers = dict(model.named_buffers())
-    derived_mismatch = []
     for key, tensor in state_dict.items():
         reason = dead_reason(key)
         if reason is not None:
@@ -181,36 +181,33 @@ def convert_official(
         if DERIVED.search(key):
             expected = buffers.get(name)
             if expected is None or expected.shape != tensor.shape or not torch.equal(expected.cpu(), tensor.cpu()):
-                derived_mismatch.append(key)
+                report.derived_mismatched.append(key)
             report.derived_checked.append(key)
             continue
         report.mapped[key] = name
         ours[name] = tensor
-    if derived_mismatch:
-        raise CheckpointError(
-            "relative_position_index buffers differ from the standard Swin construction for this preset's "
-            f"window size (wrong preset?): {', '.join(derived_mismatch)}"
-        )
     return ours, report
 
 
 def check_state_dict(
-    state_dict: Mapping[str, torch.Tensor], model: nn.Module, official_names: Mapping[str, str] | None = None, unmapped: list[str] | None = None
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, report: ConversionReport | None = None
 ) -> None:
-    """Raise one CheckpointError naming every missing, unexpected and mis-shaped key."""
+    """Raise one CheckpointError naming every missing, unexpected and mis-shaped key (and, for
+    official checkpoints, every index buffer that differs from this preset's construction)."""
     expected = model.state_dict()
-    back = {v: k for k, v in (official_names or {}).items()}
+    back = {v: k for k, v in (report.mapped if report else {}).items()}
 
     def label(name: str) -> str:
         return f"{name} (official {back[name]})" if name in back else name
 
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected)) + sorted(unmapped or [])
+    unexpected = [label(k) for k in sorted(set(state_dict) - set(expected))] + sorted(report.unmapped if report else [])
     shapes = [
         f"{label(k)}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
+    shapes += [f"{k}: differs from the Swin index for this preset's window size" for k in (report.derived_mismatched if report else [])]
     if not (missing or unexpected or shapes):
         return
     preset = getattr(getattr(model, "cfg", None), "name", "this model")
@@ -279,7 +276,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike[str] | Mappi
     report = None
     if is_official(state_dict):
         state_dict, report = convert_official(state_dict, model)
-        check_state_dict(state_dict, model, report.mapped, report.unmapped)
+        check_state_dict(state_dict, model, report)
     else:
         check_state_dict(state_dict, model)
     model.load_state_dict(state_dict, strict=True)

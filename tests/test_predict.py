@@ -1,0 +1,123 @@
+"""Predictor and ``deris predict`` end to end on CPU (deris-tiny, random weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import deris
+from deris.predictor import Predictor
+from deris.text import TextEncoder
+from spm import train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    return train_sentencepiece(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    rng = np.random.RandomState(0)
+    path = tmp_path_factory.mktemp("img") / "scene.jpg"
+    cv2.imwrite(str(path), (rng.rand(150, 210, 3) * 255).astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(spm_path):
+    torch.manual_seed(0)
+    model = deris.build_model("deris-tiny")
+    return Predictor(model, TextEncoder.from_spm(spm_path, model.cfg.max_text_len))
+
+
+def test_prediction_matches_model_and_postprocessing(predictor, image_path):
+    result = predictor.predict(image_path, "the man on the left")
+    assert result.mask.shape == (150, 210) and result.mask.dtype == bool
+    assert result.scores.shape == (predictor.model.cfg.num_queries,)
+    assert result.selected == [i for i, s in enumerate(result.scores) if s > predictor.score_threshold]
+    assert result.no_target == (not result.selected)
+    assert 0.0 < result.existence_prob < 1.0
+
+
+def test_batch_equals_single(predictor, image_path):
+    texts = ["the man on the left", "a red cup", "nothing here at all", "the cat"]
+    rgb = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+    images = [image_path, rgb[::-1].copy(), image_path, rgb]
+    batch = predictor.predict_batch(images, texts)
+    for image, text, together in zip(images, texts, batch):
+        alone = predictor.predict(image, text)
+        np.testing.assert_allclose(alone.scores, together.scores, atol=1e-5)
+        assert np.array_equal(alone.mask, together.mask)
+
+
+def test_threshold_controls_selection(spm_path, image_path):
+    torch.manual_seed(0)
+    model = deris.build_model("deris-tiny")
+    encoder = TextEncoder.from_spm(spm_path, model.cfg.max_text_len)
+    low = Predictor(model, encoder, score_threshold=1e-6).predict(image_path, "a cup")
+    high = Predictor(model, encoder, score_threshold=1 - 1e-6).predict(image_path, "a cup")
+    assert len(low.selected) == model.cfg.num_queries and not high.selected and high.no_target
+    assert not high.mask.any()
+    for bad in (0.0, 1.0, -0.2, 3):
+        with pytest.raises(ValueError, match=r"score_threshold must be inside \(0, 1\)"):
+            Predictor(model, encoder, score_threshold=bad)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deris.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_predict_cli_writes_images_of_input_size(spm_path, image_path, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        "predict", "--preset", "deris-tiny", "--random-weights", "--tokenizer", str(spm_path),
+        "--image", str(image_path), "--text", "the man on the left", "--text", "a red cup", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "random weights" in result.stderr and "meaningless" in result.stderr
+    for i in range(2):
+        mask = Image.open(out / f"scene.t{i}.mask.png")
+        assert mask.size == (210, 150) and set(np.unique(np.asarray(mask))) <= {0, 255}
+        overlay = Image.open(out / f"scene.t{i}.overlay.png")
+        assert overlay.size[0] == 210 and overlay.size[1] > 150  # caption strip below the image
+    report = json.loads((out / "scene.json").read_text())
+    assert [r["text"] for r in report["results"]] == ["the man on the left", "a red cup"]
+    assert len(report["results"][0]["scores"]) == deris.get_config("deris-tiny").num_queries
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--checkpoint is required"),
+        (["--random-weights", "--image", "MISSING.jpg"], "MISSING.jpg"),
+        (["--random-weights", "--text", "?!."], "no tokens after cleaning"),
+        (["--random-weights", "--score-threshold", "1.5"], "score_threshold must be inside (0, 1)"),
+        (["--random-weights", "--image", "BROKEN"], "not in a recognized image format"),
+    ],
+)
+def test_predict_cli_bad_inputs(spm_path, image_path, tmp_path, extra, message):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    args = ["predict", "--preset", "deris-tiny", "--tokenizer", str(spm_path), "--out", str(tmp_path / "o")]
+    if "--image" not in extra:
+        args += ["--image", str(image_path)]
+    if "--text" not in extra:
+        args += ["--text", "a cup"]
+    extra = [str(broken) if e == "BROKEN" else str(tmp_path / e) if e == "MISSING.jpg" else e for e in extra]
+    result = run_cli(*args, *extra)
+    assert result.returncode == 2
+    assert message.lower() in result.stderr.lower(), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_preset_cli():
+    result = run_cli("predict", "--preset", "deris-xxl", "--tokenizer", "x", "--image", "y", "--text", "z", "--out", "o")
+    assert result.returncode == 2 and "invalid choice: 'deris-xxl'" in result.stderr
