@@ -5,13 +5,16 @@
 
 The official code builds the [B, N, C, H/4, W/4] product and averages it with a 5-D
 AdaptiveAvgPool2d; the mean of a product over the grid is a matrix product, so the reference
-below never materialises that tensor.
+below never materialises that tensor. :func:`mask_pool_triton` does the same in one Triton
+kernel that also never builds the downsampled maps, with a Triton backward pass.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._triton_support import INTERPRETING, check_float, check_same_device, check_shape, jit, require_triton, tl, triton
 
 
 def mask_pool_reference(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -23,3 +26,255 @@ def mask_pool_reference(mask_logits: torch.Tensor, features: torch.Tensor) -> to
     masks = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False).sigmoid()
     pooled_features = F.avg_pool2d(features, kernel_size=4, stride=4)
     return torch.bmm(masks.flatten(2), pooled_features.flatten(2).transpose(1, 2)) / (size[0] * size[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# With h = H/4, w = W/4 and K = h*w grid cells, the op is a matrix product per batch:
+#     pooled[n, c] = sum_k probs[n, k] * cells[c, k] / K
+# probs = sigmoid of the bilinear downsample: for an exact factor 4 with align_corners=False,
+#         cell (i, j) samples the logits at (4i + 1.5, 4j + 1.5), the mean of its 2x2 centre pixels;
+# cells = AvgPool4 of the features: the mean of the cell's 4x4 pixels.
+# The kernels build (block, BLOCK_K) tiles of both straight from the full-resolution inputs and
+# multiply them with tl.dot, so the [B, N, C, h, w] product and the downsampled maps never exist.
+# tl.dot runs in "ieee" fp32: TF32 would cost ~1e-3 relative error on a memory-bound op.
+# Launches use num_stages=1: software pipelining would stage the 16 gathered feature loads of
+# each cell in shared memory (ptxas, sm_90, fp32: 300 KB at 32 x 64 x 32 blocks, over the
+# 227 KB limit), and gathers gain little from it.
+# ---------------------------------------------------------------------------------------------
+
+
+@jit
+def _cell_probs(logits_ptr, top_left, width, mask):
+    """sigmoid(mean of the 2x2 centre pixels) of the cells whose top-left pixels are at ``top_left``."""
+    centre = top_left + width + 1
+    total = tl.load(logits_ptr + centre, mask=mask, other=0.0).to(tl.float32)
+    total += tl.load(logits_ptr + centre + 1, mask=mask, other=0.0).to(tl.float32)
+    total += tl.load(logits_ptr + centre + width, mask=mask, other=0.0).to(tl.float32)
+    total += tl.load(logits_ptr + centre + width + 1, mask=mask, other=0.0).to(tl.float32)
+    return tl.sigmoid(total * 0.25)
+
+
+@jit
+def _cell_means(features_ptr, top_left, width, mask):
+    """Mean of the 4x4 pixels of the cells whose top-left pixels are at ``top_left`` (0 where masked)."""
+    total = tl.load(features_ptr + top_left, mask=mask, other=0.0).to(tl.float32)
+    for pixel in tl.static_range(1, 16):
+        total += tl.load(features_ptr + top_left + (pixel // 4) * width + pixel % 4, mask=mask,
+                         other=0.0).to(tl.float32)
+    return total * (1.0 / 16.0)
+
+
+@jit
+def _cell_top_left(k, cells_w, width):
+    """Offset in a full-resolution plane of the top-left pixel of cell k (row-major over the grid)."""
+    return (k // cells_w) * 4 * width + (k % cells_w) * 4
+
+
+@jit
+def _mask_pool_forward_kernel(
+    logits_ptr, features_ptr, partial_ptr,
+    num_masks, channels, height, width, cells_w, num_cells, cells_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (n block x c block, split, batch) sums the cells of its split into
+    # partial[split, batch]: [splits, B, N, C] fp32, added up by the launcher.
+    c_blocks = tl.cdiv(channels, BLOCK_C)
+    split = tl.program_id(1)
+    batch = tl.program_id(2)
+    n = (tl.program_id(0) // c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask = n < num_masks
+    c_mask = c < channels
+    plane = height * width
+    logit_planes = (batch * num_masks + n).to(tl.int64) * plane
+    feature_planes = (batch * channels + c).to(tl.int64) * plane
+    first_cell = split * cells_per_split
+    end_cell = tl.minimum(first_cell + cells_per_split, num_cells)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for k_start in range(first_cell, end_cell, BLOCK_K):
+        k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = k < end_cell
+        top_left = _cell_top_left(k, cells_w, width)
+        # Masked cells give zero feature means, so they add nothing to the product.
+        probs = _cell_probs(logits_ptr, logit_planes[:, None] + top_left[None, :], width,
+                            n_mask[:, None] & k_mask[None, :])
+        means = _cell_means(features_ptr, top_left[:, None] + feature_planes[None, :], width,
+                            k_mask[:, None] & c_mask[None, :])
+        acc = tl.dot(probs, means, acc, input_precision="ieee")
+
+    rows = ((split * tl.num_programs(2) + batch) * num_masks + n).to(tl.int64)
+    tl.store(partial_ptr + rows[:, None] * channels + c[None, :], acc / num_cells,
+             mask=n_mask[:, None] & c_mask[None, :])
+
+
+@jit
+def _mask_pool_grad_logits_kernel(
+    logits_ptr, features_ptr, grad_out_ptr, grad_logits_ptr,
+    num_masks, channels, height, width, cells_w, num_cells,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # d(probs)[n, k] = sum_c grad_out[n, c] * cells[c, k] / K, then through the sigmoid and the
+    # 2x2 centre mean: each centre pixel gets a quarter; the other 12 pixels get nothing.
+    batch = tl.program_id(2)
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = k < num_cells
+    n_mask = n < num_masks
+    plane = height * width
+    top_left = _cell_top_left(k, cells_w, width)
+
+    grad_probs = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for c_start in range(0, channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < channels
+        grad_out = tl.load(grad_out_ptr + (batch * num_masks + n).to(tl.int64)[:, None] * channels + c[None, :],
+                           mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        feature_planes = (batch * channels + c).to(tl.int64) * plane
+        means = _cell_means(features_ptr, feature_planes[:, None] + top_left[None, :], width,
+                            c_mask[:, None] & k_mask[None, :])
+        grad_probs = tl.dot(grad_out, means, grad_probs, input_precision="ieee")
+
+    top_left = (batch * num_masks + n).to(tl.int64)[:, None] * plane + top_left[None, :]
+    mask = n_mask[:, None] & k_mask[None, :]
+    probs = _cell_probs(logits_ptr, top_left, width, mask)
+    centre = top_left + width + 1
+    grad_pixel = (grad_probs / num_cells * probs * (1.0 - probs) * 0.25).to(grad_logits_ptr.dtype.element_ty)
+    tl.store(grad_logits_ptr + centre, grad_pixel, mask=mask)
+    tl.store(grad_logits_ptr + centre + 1, grad_pixel, mask=mask)
+    tl.store(grad_logits_ptr + centre + width, grad_pixel, mask=mask)
+    tl.store(grad_logits_ptr + centre + width + 1, grad_pixel, mask=mask)
+
+
+@jit
+def _mask_pool_grad_features_kernel(
+    logits_ptr, grad_out_ptr, grad_features_ptr,
+    num_masks, channels, height, width, cells_w, num_cells,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # d(cells)[c, k] = sum_n grad_out[n, c] * probs[n, k] / K, spread evenly over the 4x4 pixels.
+    batch = tl.program_id(2)
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k_mask = k < num_cells
+    c_mask = c < channels
+    plane = height * width
+    top_left = _cell_top_left(k, cells_w, width)
+
+    grad_cells = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
+    for n_start in range(0, num_masks, BLOCK_N):
+        n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = n < num_masks
+        # grad_out[n, c] read transposed, as (BLOCK_C, BLOCK_N).
+        grad_out_t = tl.load(grad_out_ptr + (batch * num_masks + n).to(tl.int64)[None, :] * channels + c[:, None],
+                             mask=c_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        logit_planes = (batch * num_masks + n).to(tl.int64) * plane
+        # Masked masks get zero gradients above, so their (sigmoid(0)) probabilities add nothing.
+        probs = _cell_probs(logits_ptr, logit_planes[:, None] + top_left[None, :], width,
+                            n_mask[:, None] & k_mask[None, :])
+        grad_cells = tl.dot(grad_out_t, probs, grad_cells, input_precision="ieee")
+
+    grad_pixel = (grad_cells * (1.0 / 16.0) / num_cells).to(grad_features_ptr.dtype.element_ty)
+    top_left = (batch * channels + c).to(tl.int64)[:, None] * plane + top_left[None, :]
+    mask = c_mask[:, None] & k_mask[None, :]
+    for pixel in tl.static_range(16):
+        tl.store(grad_features_ptr + top_left + (pixel // 4) * width + pixel % 4, grad_pixel, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, autograd and input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _mask_pool_blocks(num_masks: int, channels: int, num_cells: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, BLOCK_K); tl.dot needs every block dimension to be at least 16."""
+    def fit(size: int, cap: int) -> int:
+        return max(16, min(triton.next_power_of_2(size), cap))
+
+    if INTERPRETING:
+        # The interpreter runs programs one after another at a roughly fixed cost each: cover
+        # everything in as few programs (and loop steps) as reasonable.
+        return fit(num_masks, 256), fit(channels, 256), fit(num_cells, 256)
+    # ptxas (sm_90, fp32, 4 warps): 32 x 64 x 32 blocks compile to at most 153 registers without
+    # spills; BLOCK_N = 64 spills in the logits gradient. Not yet tuned on hardware.
+    return fit(num_masks, 32), fit(channels, 64), 32
+
+
+def _cell_splits(programs: int, num_cells: int, block_k: int, device: torch.device) -> int:
+    """How many ranges to split the grid cells into so that the forward fills the device.
+
+    Without a split a batch of one image runs only (N blocks x C blocks) programs, each looping
+    over every cell; two programs per SM is enough for a memory-bound loop.
+    """
+    if INTERPRETING:  # programs run one after another: splitting only adds work
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(num_cells, block_k)))
+
+
+class _MaskPoolTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mask_logits, features):
+        batch, num_masks, height, width = mask_logits.shape
+        channels = features.shape[1]
+        cells_w, num_cells = width // 4, (height // 4) * (width // 4)
+        block_n, block_c, block_k = _mask_pool_blocks(num_masks, channels, num_cells)
+        tiles = triton.cdiv(num_masks, block_n) * triton.cdiv(channels, block_c)
+        splits = _cell_splits(tiles * batch, num_cells, block_k, features.device)
+        cells_per_split = triton.cdiv(triton.cdiv(num_cells, splits), block_k) * block_k
+        splits = triton.cdiv(num_cells, cells_per_split)
+        # Partial sums per split, added in a fixed order afterwards: deterministic, unlike atomics.
+        partial = torch.empty(splits, batch, num_masks, channels, dtype=torch.float32, device=features.device)
+        _mask_pool_forward_kernel[(tiles, splits, batch)](
+            mask_logits, features, partial, num_masks, channels, height, width, cells_w, num_cells, cells_per_split,
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_stages=1)
+        ctx.save_for_backward(mask_logits, features)
+        return partial.sum(dim=0).to(features.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        mask_logits, features = ctx.saved_tensors
+        batch, num_masks, height, width = mask_logits.shape
+        channels = features.shape[1]
+        cells_w, num_cells = width // 4, (height // 4) * (width // 4)
+        block_n, block_c, block_k = _mask_pool_blocks(num_masks, channels, num_cells)
+        grad_out = grad_out.contiguous()
+        sizes = (num_masks, channels, height, width, cells_w, num_cells)
+        blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_stages=1)
+        grad_logits = grad_features = None
+        if ctx.needs_input_grad[0]:
+            # Only the 2x2 centre of each 4x4 cell reaches the downsampled logits.
+            grad_logits = torch.zeros_like(mask_logits)
+            grid = (triton.cdiv(num_cells, block_k), triton.cdiv(num_masks, block_n), batch)
+            _mask_pool_grad_logits_kernel[grid](mask_logits, features, grad_out, grad_logits, *sizes, **blocks)
+        if ctx.needs_input_grad[1]:
+            grad_features = torch.empty_like(features)
+            grid = (triton.cdiv(num_cells, block_k), triton.cdiv(channels, block_c), batch)
+            _mask_pool_grad_features_kernel[grid](mask_logits, grad_out, grad_features, *sizes, **blocks)
+        return grad_logits, grad_features
+
+
+def mask_pool_triton(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Triton mask pooling with autograd; same contract and result as :func:`mask_pool_reference`.
+
+    mask_logits [B, N, H, W] and features [B, C, H, W], one dtype (float32, float16 or bfloat16),
+    H and W divisible by 4 -> [B, N, C] in that dtype. Downsampling, sigmoid, pooling and the
+    product run in float32. Gradients flow to mask_logits and features.
+    """
+    op = "mask_pool"
+    check_float(op, "mask_logits", mask_logits)
+    check_float(op, "features", features)
+    check_shape(op, "mask_logits", mask_logits, ("B", "N", "H", "W"))
+    batch, _, height, width = mask_logits.shape
+    check_shape(op, "features", features, (batch, "C", height, width))
+    if height % 4 or width % 4:
+        raise ValueError(f"{op}: H and W must be divisible by 4, got {height}x{width}")
+    if mask_logits.dtype != features.dtype:
+        raise ValueError(f"{op}: mask_logits ({mask_logits.dtype}) and features ({features.dtype}) "
+                         "must share one dtype")
+    device = check_same_device(op, mask_logits=mask_logits, features=features)
+    require_triton(op, device)
+    return _MaskPoolTriton.apply(mask_logits.contiguous(), features.contiguous())

@@ -12,14 +12,21 @@ and this module):
 
 Sampling is bilinear with zero padding and align_corners=False, i.e.
 grid_sample(value_l, 2 * loc - 1).
+
+Two implementations of the contract live here: the plain-PyTorch references and Triton kernels
+(:func:`ms_deform_attn_triton`, and :func:`ms_deform_attn_fused_triton`, which also does the
+softmax and the location arithmetic of :func:`sampling_inputs`), with autograd backward passes.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ._triton_support import INTERPRETING, check_float, check_same_device, check_shape, jit, require_triton, tl, triton
 
 SpatialShapes = torch.Tensor | Sequence[tuple[int, int]]
 
@@ -91,3 +98,483 @@ def ms_deform_attn_fused_reference(
     """Softmax + location arithmetic + MSDA, as the pixel decoder's layers compute them."""
     locations, weights = sampling_inputs(spatial_shapes, reference_points, sampling_offsets, attention_logits)
     return msda(value, spatial_shapes, level_start_index, locations, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# One program handles a block of queries of one (batch, head): for every level and point it
+# turns the queries' locations into fp32 pixel coordinates and gathers the four bilinear
+# neighbours as (BLOCK_Q, BLOCK_D) loads, so the locations and weights are read once for all
+# channels. Coordinates, interpolation weights and sums are fp32 whatever the storage dtype.
+# value rows are [B, S, H, D]: row (b, s) of head h starts at ((b * S + s) * H + h) * D.
+# ---------------------------------------------------------------------------------------------
+
+
+@jit
+def _split_coordinate(pixel, size):
+    """Integer part (of the lower neighbour) and fraction of an fp32 pixel coordinate."""
+    # Beyond one pixel outside the level both neighbours are padding; clamping there changes no
+    # result and keeps the int32 conversion in range for far-away locations.
+    pixel = tl.minimum(tl.maximum(pixel, -2.0), size.to(tl.float32) + 1.0)
+    lower = tl.floor(pixel)
+    return lower.to(tl.int32), pixel - lower
+
+
+@jit
+def _corner(xi, yi, width, height, row_stride, q_mask, d, d_mask):
+    """Offsets (from the level's first key of this head) and load mask of one neighbour.
+
+    A neighbour outside the level is masked out, which is grid_sample's zero padding.
+    """
+    inside = q_mask & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    rows = (yi * width + xi).to(tl.int64) * row_stride
+    return rows[:, None] + d[None, :], inside[:, None] & d_mask[None, :]
+
+
+@jit
+def _bilinear_sample(level_ptr, x, y, width, height, row_stride, q_mask, d, d_mask):
+    """(BLOCK_Q, BLOCK_D) fp32 bilinear samples of one level at pixel coordinates (x, y)."""
+    x0, fx = _split_coordinate(x, width)
+    y0, fy = _split_coordinate(y, height)
+    offsets, mask = _corner(x0, y0, width, height, row_stride, q_mask, d, d_mask)
+    v00 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets, mask = _corner(x0 + 1, y0, width, height, row_stride, q_mask, d, d_mask)
+    v01 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets, mask = _corner(x0, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
+    v10 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets, mask = _corner(x0 + 1, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
+    v11 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    fx = fx[:, None]
+    fy = fy[:, None]
+    return (v00 * (1.0 - fx) + v01 * fx) * (1.0 - fy) + (v10 * (1.0 - fx) + v11 * fx) * fy
+
+
+@jit
+def _bilinear_backward(level_ptr, level_grad_ptr, x, y, width, height, row_stride, weight, grad_out,
+                       q_mask, d, d_mask):
+    """Backward of ``weight * bilinear_sample(x, y)`` for one point of a block of queries.
+
+    Scatters d(loss)/d(value) into the level's fp32 gradient with atomics (other queries and
+    heads hit the same rows) and returns d(loss)/d(weight) and d(loss)/d(x, y) in pixels.
+    """
+    x0, fx = _split_coordinate(x, width)
+    y0, fy = _split_coordinate(y, height)
+    wx1 = fx[:, None]
+    wy1 = fy[:, None]
+    wx0 = 1.0 - wx1
+    wy0 = 1.0 - wy1
+    grad_sample = grad_out * weight[:, None]
+    offsets00, mask00 = _corner(x0, y0, width, height, row_stride, q_mask, d, d_mask)
+    offsets01, mask01 = _corner(x0 + 1, y0, width, height, row_stride, q_mask, d, d_mask)
+    offsets10, mask10 = _corner(x0, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
+    offsets11, mask11 = _corner(x0 + 1, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
+    v00 = tl.load(level_ptr + offsets00, mask=mask00, other=0.0).to(tl.float32)
+    v01 = tl.load(level_ptr + offsets01, mask=mask01, other=0.0).to(tl.float32)
+    v10 = tl.load(level_ptr + offsets10, mask=mask10, other=0.0).to(tl.float32)
+    v11 = tl.load(level_ptr + offsets11, mask=mask11, other=0.0).to(tl.float32)
+    tl.atomic_add(level_grad_ptr + offsets00, grad_sample * (wx0 * wy0), mask=mask00, sem="relaxed")
+    tl.atomic_add(level_grad_ptr + offsets01, grad_sample * (wx1 * wy0), mask=mask01, sem="relaxed")
+    tl.atomic_add(level_grad_ptr + offsets10, grad_sample * (wx0 * wy1), mask=mask10, sem="relaxed")
+    tl.atomic_add(level_grad_ptr + offsets11, grad_sample * (wx1 * wy1), mask=mask11, sem="relaxed")
+    sample = (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
+    sample_dx = (v01 - v00) * wy0 + (v11 - v10) * wy1
+    sample_dy = (v10 - v00) * wx0 + (v11 - v01) * wx1
+    grad_weight = tl.sum(grad_out * sample, axis=1)
+    grad_x = tl.sum(grad_sample * sample_dx, axis=1)
+    grad_y = tl.sum(grad_sample * sample_dy, axis=1)
+    return grad_weight, grad_x, grad_y
+
+
+@jit
+def _softmax_rows(logits_ptr, rows, q_mask, NUM_LP: tl.constexpr, BLOCK_LP: tl.constexpr):
+    """fp32 softmax of the (BLOCK_Q, L*P) logits starting at ``rows``, and the column indices."""
+    lp = tl.arange(0, BLOCK_LP)
+    lp_mask = lp < NUM_LP
+    logits = tl.load(logits_ptr + rows[:, None] + lp[None, :], mask=q_mask[:, None] & lp_mask[None, :],
+                     other=0.0).to(tl.float32)
+    logits = tl.where(lp_mask[None, :], logits, float("-inf"))
+    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return exp / tl.sum(exp, axis=1)[:, None], lp
+
+
+@jit
+def _column(tile, columns, index):
+    """tile[:, index] of a register tile (an exact select-and-sum: Triton cannot index registers)."""
+    return tl.sum(tl.where(columns[None, :] == index, tile, 0.0), axis=1)
+
+
+@jit
+def _msda_forward_kernel(
+    value_ptr, levels_ptr, locations_ptr, weights_ptr, out_ptr,
+    num_keys, num_queries,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < num_queries
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    head_ptr = value_ptr + batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
+    # First (level, point) entry of each query's row in the [B, Q, H, L, P] weights.
+    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    entries = query_rows * (NUM_LEVELS * NUM_POINTS)
+
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for level in tl.static_range(NUM_LEVELS):
+        height = tl.load(levels_ptr + 3 * level)
+        width = tl.load(levels_ptr + 3 * level + 1)
+        level_ptr = head_ptr + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        for point in tl.static_range(NUM_POINTS):
+            entry = entries + level * NUM_POINTS + point
+            loc_x = tl.load(locations_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
+            loc_y = tl.load(locations_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
+            weight = tl.load(weights_ptr + entry, mask=q_mask, other=0.0).to(tl.float32)
+            # align_corners=False: pixel centres sit at normalised (i + 0.5) / size.
+            x = loc_x * width.to(tl.float32) - 0.5
+            y = loc_y * height.to(tl.float32) - 0.5
+            acc += weight[:, None] * _bilinear_sample(level_ptr, x, y, width, height, row_stride, q_mask, d, d_mask)
+
+    out_offsets = query_rows[:, None] * HEAD_DIM + d[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+
+
+@jit
+def _msda_backward_kernel(
+    value_ptr, levels_ptr, locations_ptr, weights_ptr, grad_out_ptr,
+    grad_value_ptr, grad_locations_ptr, grad_weights_ptr,
+    num_keys, num_queries,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < num_queries
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    head_offset = batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
+    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    entries = query_rows * (NUM_LEVELS * NUM_POINTS)
+    grad_out = tl.load(grad_out_ptr + query_rows[:, None] * HEAD_DIM + d[None, :],
+                       mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+    for level in tl.static_range(NUM_LEVELS):
+        height = tl.load(levels_ptr + 3 * level)
+        width = tl.load(levels_ptr + 3 * level + 1)
+        level_offset = head_offset + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        for point in tl.static_range(NUM_POINTS):
+            entry = entries + level * NUM_POINTS + point
+            loc_x = tl.load(locations_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
+            loc_y = tl.load(locations_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
+            weight = tl.load(weights_ptr + entry, mask=q_mask, other=0.0).to(tl.float32)
+            x = loc_x * width.to(tl.float32) - 0.5
+            y = loc_y * height.to(tl.float32) - 0.5
+            grad_weight, grad_x, grad_y = _bilinear_backward(
+                value_ptr + level_offset, grad_value_ptr + level_offset, x, y, width, height, row_stride,
+                weight, grad_out, q_mask, d, d_mask)
+            # x = loc_x * width - 0.5, so d(loss)/d(loc_x) = width * d(loss)/d(x).
+            grad_dtype = grad_locations_ptr.dtype.element_ty
+            tl.store(grad_locations_ptr + 2 * entry, (grad_x * width.to(tl.float32)).to(grad_dtype), mask=q_mask)
+            tl.store(grad_locations_ptr + 2 * entry + 1, (grad_y * height.to(tl.float32)).to(grad_dtype), mask=q_mask)
+            tl.store(grad_weights_ptr + entry, grad_weight.to(grad_weights_ptr.dtype.element_ty), mask=q_mask)
+
+
+@jit
+def _msda_fused_forward_kernel(
+    value_ptr, levels_ptr, reference_ptr, offsets_ptr, logits_ptr, out_ptr,
+    num_keys, num_queries,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LP: tl.constexpr,
+):
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < num_queries
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    head_ptr = value_ptr + batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
+    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    entries = query_rows * (NUM_LEVELS * NUM_POINTS)
+    # reference_points is [B, Q, L, 2]: shared by the heads.
+    reference_rows = (batch * num_queries + q).to(tl.int64) * NUM_LEVELS
+    # The logits are read once and the softmax over (L, P) stays in registers.
+    probs, lp = _softmax_rows(logits_ptr, entries, q_mask, NUM_LEVELS * NUM_POINTS, BLOCK_LP)
+
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for level in tl.static_range(NUM_LEVELS):
+        height = tl.load(levels_ptr + 3 * level)
+        width = tl.load(levels_ptr + 3 * level + 1)
+        level_ptr = head_ptr + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        ref_x = tl.load(reference_ptr + 2 * (reference_rows + level), mask=q_mask, other=0.0).to(tl.float32)
+        ref_y = tl.load(reference_ptr + 2 * (reference_rows + level) + 1, mask=q_mask, other=0.0).to(tl.float32)
+        for point in tl.static_range(NUM_POINTS):
+            entry = entries + level * NUM_POINTS + point
+            offset_x = tl.load(offsets_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
+            offset_y = tl.load(offsets_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
+            weight = _column(probs, lp, level * NUM_POINTS + point)
+            # loc = ref + offset / size, so the pixel coordinate loc * size - 0.5 is
+            # ref * size + offset - 0.5 (one rounding fewer, no division).
+            x = ref_x * width.to(tl.float32) + offset_x - 0.5
+            y = ref_y * height.to(tl.float32) + offset_y - 0.5
+            acc += weight[:, None] * _bilinear_sample(level_ptr, x, y, width, height, row_stride, q_mask, d, d_mask)
+
+    out_offsets = query_rows[:, None] * HEAD_DIM + d[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+
+
+@jit
+def _msda_fused_backward_kernel(
+    value_ptr, levels_ptr, reference_ptr, offsets_ptr, logits_ptr, grad_out_ptr,
+    grad_value_ptr, grad_offsets_ptr, grad_logits_ptr,
+    num_keys, num_queries,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LP: tl.constexpr,
+):
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < num_queries
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    head_offset = batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
+    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    entries = query_rows * (NUM_LEVELS * NUM_POINTS)
+    reference_rows = (batch * num_queries + q).to(tl.int64) * NUM_LEVELS
+    probs, lp = _softmax_rows(logits_ptr, entries, q_mask, NUM_LEVELS * NUM_POINTS, BLOCK_LP)
+    grad_out = tl.load(grad_out_ptr + query_rows[:, None] * HEAD_DIM + d[None, :],
+                       mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+    grad_probs = tl.zeros((BLOCK_Q, BLOCK_LP), dtype=tl.float32)
+    for level in tl.static_range(NUM_LEVELS):
+        height = tl.load(levels_ptr + 3 * level)
+        width = tl.load(levels_ptr + 3 * level + 1)
+        level_offset = head_offset + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        ref_x = tl.load(reference_ptr + 2 * (reference_rows + level), mask=q_mask, other=0.0).to(tl.float32)
+        ref_y = tl.load(reference_ptr + 2 * (reference_rows + level) + 1, mask=q_mask, other=0.0).to(tl.float32)
+        for point in tl.static_range(NUM_POINTS):
+            entry = entries + level * NUM_POINTS + point
+            offset_x = tl.load(offsets_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
+            offset_y = tl.load(offsets_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
+            weight = _column(probs, lp, level * NUM_POINTS + point)
+            x = ref_x * width.to(tl.float32) + offset_x - 0.5
+            y = ref_y * height.to(tl.float32) + offset_y - 0.5
+            grad_weight, grad_x, grad_y = _bilinear_backward(
+                value_ptr + level_offset, grad_value_ptr + level_offset, x, y, width, height, row_stride,
+                weight, grad_out, q_mask, d, d_mask)
+            grad_probs = tl.where(lp[None, :] == level * NUM_POINTS + point, grad_weight[:, None], grad_probs)
+            # The pixel coordinate is ref * size + offset - 0.5: offsets get the pixel gradient as is.
+            tl.store(grad_offsets_ptr + 2 * entry, grad_x, mask=q_mask)
+            tl.store(grad_offsets_ptr + 2 * entry + 1, grad_y, mask=q_mask)
+
+    # Softmax Jacobian: d(logit_k) = p_k * (d(p_k) - sum_j p_j * d(p_j)).
+    grad_logits = probs * (grad_probs - tl.sum(probs * grad_probs, axis=1)[:, None])
+    tl.store(grad_logits_ptr + entries[:, None] + lp[None, :], grad_logits.to(grad_logits_ptr.dtype.element_ty),
+             mask=q_mask[:, None] & (lp < NUM_LEVELS * NUM_POINTS)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, autograd and input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _msda_blocks(num_queries: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_D) for a launch."""
+    block_d = triton.next_power_of_2(head_dim)
+    if INTERPRETING:
+        # The interpreter runs programs one after another at a roughly fixed cost each, so it
+        # wants few, large programs: one per (batch, head) for up to 256 queries.
+        return min(triton.next_power_of_2(num_queries), 256), block_d
+    # The compiler hoists the unrolled gathers, so registers grow with the tile: ptxas (sm_90,
+    # fp32, 4 warps) gives 80 / 141 registers (forward / backward) for 512-element tiles and
+    # 187 / 242 for 1024, and spills at 2048. Not yet tuned on hardware.
+    return max(1, min(512 // block_d, triton.next_power_of_2(num_queries))), block_d
+
+
+def _launch_config(value: torch.Tensor, num_queries: int, num_levels: int,
+                   num_points: int) -> tuple[tuple[int, int], dict]:
+    batch, _, heads, head_dim = value.shape
+    block_q, block_d = _msda_blocks(num_queries, head_dim)
+    grid = (triton.cdiv(num_queries, block_q), batch * heads)
+    meta = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=num_levels, NUM_POINTS=num_points,
+                BLOCK_Q=block_q, BLOCK_D=block_d)
+    return grid, meta
+
+
+class _MSDeformAttnTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, levels, locations, weights):
+        batch, num_keys, heads, head_dim = value.shape
+        _, num_queries, _, num_levels, num_points, _ = locations.shape
+        out = value.new_empty(batch, num_queries, heads, head_dim)
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
+        _msda_forward_kernel[grid](value, levels, locations, weights, out, num_keys, num_queries, **meta)
+        ctx.save_for_backward(value, levels, locations, weights)
+        return out.view(batch, num_queries, heads * head_dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, levels, locations, weights = ctx.saved_tensors
+        _, num_keys, _, _ = value.shape
+        _, num_queries, _, num_levels, num_points, _ = locations.shape
+        # The value gradient is a scatter: accumulate it in fp32 and round once at the end.
+        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        grad_locations = torch.empty_like(locations)
+        grad_weights = torch.empty_like(weights)
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
+        _msda_backward_kernel[grid](value, levels, locations, weights, grad_out.contiguous(),
+                                    grad_value, grad_locations, grad_weights, num_keys, num_queries, **meta)
+        needs = ctx.needs_input_grad
+        return (grad_value.to(value.dtype) if needs[0] else None, None,
+                grad_locations if needs[2] else None, grad_weights if needs[3] else None)
+
+
+class _MSDeformAttnFusedTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, levels, reference_points, sampling_offsets, attention_logits):
+        batch, num_keys, heads, head_dim = value.shape
+        _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
+        out = value.new_empty(batch, num_queries, heads, head_dim)
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
+        meta["BLOCK_LP"] = triton.next_power_of_2(num_levels * num_points)
+        _msda_fused_forward_kernel[grid](value, levels, reference_points, sampling_offsets, attention_logits, out,
+                                         num_keys, num_queries, **meta)
+        ctx.save_for_backward(value, levels, reference_points, sampling_offsets, attention_logits)
+        return out.view(batch, num_queries, heads * head_dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, levels, reference_points, sampling_offsets, attention_logits = ctx.saved_tensors
+        _, num_keys, _, _ = value.shape
+        _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
+        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        # fp32, because the reference points' gradient is summed from it below.
+        grad_offsets = torch.empty(sampling_offsets.shape, dtype=torch.float32, device=value.device)
+        grad_logits = torch.empty_like(attention_logits)
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
+        meta["BLOCK_LP"] = triton.next_power_of_2(num_levels * num_points)
+        _msda_fused_backward_kernel[grid](value, levels, reference_points, sampling_offsets, attention_logits,
+                                          grad_out.contiguous(), grad_value, grad_offsets, grad_logits,
+                                          num_keys, num_queries, **meta)
+        needs = ctx.needs_input_grad
+        grad_reference = None
+        if needs[2]:
+            # loc = ref + offset / (W, H): d(ref) = sum over heads and points of d(offset) * (W, H).
+            sizes = levels[:, [1, 0]].to(torch.float32)  # [L, (W, H)]
+            grad_reference = (grad_offsets * sizes[:, None, :]).sum(dim=(2, 4)).to(reference_points.dtype)
+        return (grad_value.to(value.dtype) if needs[0] else None, None, grad_reference,
+                grad_offsets.to(sampling_offsets.dtype) if needs[3] else None,
+                grad_logits if needs[4] else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_table(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """[L, 3] int32 (height, width, first key) on ``device``, built once per (shapes, device)."""
+    starts = [0]
+    for height, width in shapes[:-1]:
+        starts.append(starts[-1] + height * width)
+    rows = [(height, width, start) for (height, width), start in zip(shapes, starts)]
+    # Outside inference mode even when first asked for inside it: an inference tensor in the cache
+    # could not be saved for a later backward.
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _check_levels(op: str, value: torch.Tensor, spatial_shapes: SpatialShapes,
+                  level_start_index: torch.Tensor | None) -> list[tuple[int, int]]:
+    """Check value [B, S, H, D] against the level sizes; return them as Python ints."""
+    check_float(op, "value", value)
+    check_shape(op, "value", value, ("B", "S", "H", "D"))
+    if isinstance(spatial_shapes, torch.Tensor) and (
+            spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.is_floating_point()):
+        raise ValueError(f"{op}: spatial_shapes must be an integer tensor of shape [L, 2] (height, width), "
+                         f"got {spatial_shapes.dtype} of shape {list(spatial_shapes.shape)}")
+    try:
+        shapes = as_shape_list(spatial_shapes)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{op}: spatial_shapes must be an [L, 2] tensor or a sequence of (height, width) "
+                         f"pairs, got {spatial_shapes!r}") from error
+    if not shapes or any(height <= 0 or width <= 0 for height, width in shapes):
+        raise ValueError(f"{op}: spatial_shapes needs at least one level, all sizes positive; got {shapes}")
+    keys = sum(height * width for height, width in shapes)
+    if value.shape[1] != keys:
+        raise ValueError(f"{op}: value has {value.shape[1]} keys (dim 1) but spatial_shapes {shapes} "
+                         f"hold {keys}")
+    if level_start_index is not None and torch.as_tensor(level_start_index).shape != (len(shapes),):
+        raise ValueError(f"{op}: level_start_index must have shape [L] = [{len(shapes)}], "
+                         f"got {list(torch.as_tensor(level_start_index).shape)}")
+    return shapes
+
+
+def ms_deform_attn_triton(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    level_start_index: torch.Tensor | None,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Triton MSDA with autograd; same contract and result as :func:`ms_deform_attn_reference`.
+
+    value [B, S, H, D]; spatial_shapes [L, 2] (height, width) tensor or pairs;
+    level_start_index [L] or None (only its shape is checked: the starts follow from the shapes);
+    sampling_locations [B, Q, H, L, P, 2] normalised (x, y); attention_weights [B, Q, H, L, P].
+    Floats may be float32, float16 or bfloat16 (each tensor its own); sampling and sums run in
+    float32. Returns [B, Q, H * D] in value's dtype. Gradients flow to value, sampling_locations
+    and attention_weights.
+    """
+    op = "ms_deform_attn"
+    shapes = _check_levels(op, value, spatial_shapes, level_start_index)
+    batch, _, heads, _ = value.shape
+    check_float(op, "sampling_locations", sampling_locations)
+    check_shape(op, "sampling_locations", sampling_locations, (batch, "Q", heads, len(shapes), "P", 2))
+    queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
+    check_float(op, "attention_weights", attention_weights)
+    check_shape(op, "attention_weights", attention_weights, (batch, queries, heads, len(shapes), points))
+    device = check_same_device(op, value=value, sampling_locations=sampling_locations,
+                               attention_weights=attention_weights)
+    require_triton(op, device)
+    return _MSDeformAttnTriton.apply(value.contiguous(), _level_table(tuple(shapes), device),
+                                     sampling_locations.contiguous(), attention_weights.contiguous())
+
+
+def ms_deform_attn_fused_triton(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    level_start_index: torch.Tensor | None,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """Triton MSDA taking a layer's raw projections; same result as :func:`ms_deform_attn_fused_reference`.
+
+    reference_points [B, Q, L, 2] normalised (x, y); sampling_offsets [B, Q, H, L, P, 2] in pixels
+    of each level; attention_logits [B, Q, H, L * P] before the softmax. The softmax over (L, P)
+    and loc = ref + offset / (W_l, H_l) happen inside the kernel, in float32. Other arguments,
+    dtypes and the result are as in :func:`ms_deform_attn_triton`. Gradients flow to value,
+    reference_points, sampling_offsets and attention_logits.
+    """
+    op = "ms_deform_attn_fused"
+    shapes = _check_levels(op, value, spatial_shapes, level_start_index)
+    batch, _, heads, _ = value.shape
+    levels = len(shapes)
+    check_float(op, "sampling_offsets", sampling_offsets)
+    check_shape(op, "sampling_offsets", sampling_offsets, (batch, "Q", heads, levels, "P", 2))
+    queries, points = sampling_offsets.shape[1], sampling_offsets.shape[4]
+    check_float(op, "reference_points", reference_points)
+    check_shape(op, "reference_points", reference_points, (batch, queries, levels, 2))
+    check_float(op, "attention_logits", attention_logits)
+    check_shape(op, "attention_logits", attention_logits, (batch, queries, heads, levels * points))
+    device = check_same_device(op, value=value, reference_points=reference_points,
+                               sampling_offsets=sampling_offsets, attention_logits=attention_logits)
+    require_triton(op, device)
+    return _MSDeformAttnFusedTriton.apply(value.contiguous(), _level_table(tuple(shapes), device),
+                                          reference_points.contiguous(), sampling_offsets.contiguous(),
+                                          attention_logits.contiguous())

@@ -122,3 +122,18 @@ def test_presets_match_official_numbers():
     assert (b.num_queries, b.max_text_len, b.score_threshold) == (20, 50, 0.7)
     assert (l.num_queries, l.max_text_len, l.score_threshold) == (10, 20, 0.9)
     assert deris.get_config("DERIS-L-grefcoco").name == "deris-l-grefcoco"
+
+
+def test_triton_kernels_path_equals_reference(tiny_models):
+    """The whole model with the Triton kernels (interpreter on CPU) equals the reference path;
+    official_batch mode so that mask pooling is live too."""
+    import deris.kernels as kernels
+
+    _, official = tiny_models
+    batch = make_inputs(2, official.cfg, [5, 12], seed=4)
+    with kernels.backend("torch"):
+        reference = outputs(official, *batch)
+    with kernels.backend("triton"):
+        triton = outputs(official, *batch)
+    for key, value in reference.items():
+        torch.testing.assert_close(triton[key], value, atol=1e-4 * float(value.abs().max()), rtol=0)
