@@ -99,9 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deris",
         description="DeRIS referring image segmentation: predict, convert checkpoints, serve, query a server.",
     )
+    from deris.client import add_client
+    from deris.serve import add_serve
+
     sub = parser.add_subparsers(dest="command", required=True)
     add_predict(sub)
     add_convert(sub)
+    add_serve(sub)
+    add_client(sub)
     return parser
 
 

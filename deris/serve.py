@@ -1,0 +1,302 @@
+"""``deris serve``: run a Triton Inference Server on a repository from ``deris-export triton-repo``.
+
+A ``tritonserver`` on PATH (e.g. in an NGC container, with the TensorRT and ONNX Runtime backends)
+is used as is. Otherwise the server bundled in the ``nvidia-pytriton`` wheel is run: it has only the
+python backend, so it serves ``--backend python`` repositories. The recipe (STACK.md section 5):
+
+* the wheel's ``backends`` folder is copied to a work folder, with the python-backend stub for this
+  interpreter's version put into ``backends/python``;
+* ``PATH`` starts with this interpreter's ``bin``: the stub embeds libpython and finds its
+  ``sys.prefix`` by looking ``python3`` up on PATH (it ignores PYTHONPATH), so this puts the
+  python models into this environment, with ``deris``, numpy<2 and onnxruntime;
+* ``LD_LIBRARY_PATH`` starts with this interpreter's ``LIBDIR`` (the stub's libpython) and the
+  wheel's ``nvidia_pytriton.libs``.
+
+Readiness is polled with a client that is closed after each poll: an open keep-alive connection
+makes the server wait its whole exit timeout on shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Callable, Sequence
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_HOST = "127.0.0.1"
+EXIT_TIMEOUT_S = 5
+# Model kinds of `deris-export triton-repo` that need a backend the bundled server lacks.
+_OTHER_BACKENDS = re.compile(r'^platform:\s*"(tensorrt_plan|onnxruntime_onnx)"', re.MULTILINE)
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, started, or did not become ready; the message says why."""
+
+
+def bundled_server_dir() -> Path:
+    """``pytriton/tritonserver`` of the installed ``nvidia-pytriton`` wheel, found without importing it."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise ServerError(
+            "no tritonserver on PATH and nvidia-pytriton is not installed; install the serve extra "
+            "(pip install 'deris[serve]') or run inside a Triton server container"
+        )
+    folder = Path(spec.origin).parent / "tritonserver"
+    if not (folder / "bin" / "tritonserver").is_file():
+        raise ServerError(f"the nvidia-pytriton installation has no server binary at {folder / 'bin' / 'tritonserver'}")
+    return folder
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGTERM the server when the thread that started it dies.
+
+    Otherwise a crashed or killed caller (a test run, say) leaves tritonserver running and holding
+    its ports. Linux only; start servers from a thread that outlives them (the main thread in the
+    CLI and the tests). libc is loaded here, in the parent: the child only makes the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def set_death_signal() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_death_signal
+
+
+class TritonServer:
+    """One ``tritonserver`` process serving ``repo``.
+
+    >>> with TritonServer("repo", http_port=8000, grpc_port=8001) as server:
+    ...     client = tritonclient.http.InferenceServerClient(server.http_url)
+
+    ``binary``: a ``tritonserver`` to run; by default the one on PATH, else the bundled one.
+    ``log``: where the server's stdout/stderr go (a file object); None means inherit (the terminal).
+    ``extra_args`` are appended to the server's command line (e.g. ``--backend-config=...``).
+    """
+
+    def __init__(
+        self,
+        repo: str | os.PathLike[str],
+        *,
+        http_port: int = DEFAULT_HTTP_PORT,
+        grpc_port: int = DEFAULT_GRPC_PORT,
+        host: str = DEFAULT_HOST,
+        binary: str | os.PathLike[str] | None = None,
+        log: IO[str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.repo = Path(repo).resolve()
+        if not self.repo.is_dir() or not any(self.repo.glob("*/config.pbtxt")):
+            raise ServerError(
+                f"{self.repo} is not a Triton model repository (no <model>/config.pbtxt); "
+                "generate one with `deris-export triton-repo`"
+            )
+        self.http_port, self.grpc_port, self.host = http_port, grpc_port, host
+        self.binary = Path(binary) if binary is not None else None
+        self.log = log
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def _client_host(self) -> str:
+        # A server bound to every interface is reached locally through the loopback address.
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment to run; prepares the bundled server's work folder."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        args = [
+            f"--model-repository={self.repo}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            "--allow-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        ]
+        binary = self.binary or (Path(found) if (found := shutil.which("tritonserver")) else None)
+        if binary is None:
+            binary = self._prepare_bundled(env, args)
+        return [str(binary), *args, *self.extra_args], env
+
+    def _prepare_bundled(self, env: dict[str, str], args: list[str]) -> Path:
+        dist = bundled_server_dir()
+        needs = sorted(
+            {m.group(1) for path in self.repo.glob("*/config.pbtxt") if (m := _OTHER_BACKENDS.search(path.read_text()))}
+        )
+        if needs:
+            raise ServerError(
+                f"{self.repo} has {' and '.join(needs)} models, but there is no tritonserver on PATH and the one bundled "
+                "in nvidia-pytriton has only the python backend; run where a full tritonserver is on PATH (e.g. an NGC "
+                "tritonserver container), or generate the repository with `--backend python`"
+            )
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise ServerError(f"nvidia-pytriton has no python-backend stub for Python {version} ({stub})")
+        self._workdir = tempfile.TemporaryDirectory(prefix="deris-tritonserver-")
+        backends = Path(self._workdir.name) / "backends"
+        shutil.copytree(dist / "backends", backends)
+        shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+        libs = [str(sysconfig.get_config_var("LIBDIR")), str(dist.parent.parent / "nvidia_pytriton.libs")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+        # The bundled server has no GPU pinned memory to offer on CPU machines; this silences its warning.
+        args += [f"--backend-directory={backends}", "--pinned-memory-pool-byte-size=0"]
+        return dist / "bin" / "tritonserver"
+
+    def start(self) -> None:
+        if self.process is not None:
+            raise ServerError("the server was already started")
+        cmd, env = self.command()
+        try:
+            # A session of its own: a Ctrl-C in the terminal reaches only us, and we forward it once.
+            self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT if self.log else None,
+                                            start_new_session=True, preexec_fn=_die_with_parent())
+        except OSError as exc:
+            self.stop()
+            raise ServerError(f"cannot run {cmd[0]}: {exc}") from exc
+
+    def wait_ready(self, timeout: float = 300.0) -> float:
+        """Wait until every model is loaded (strict readiness); return the seconds it took."""
+        import tritonclient.http as httpclient
+
+        if self.process is None:
+            raise ServerError("the server was not started")
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready{self._log_hint()}")
+            try:
+                with httpclient.InferenceServerClient(self.http_url) as client:
+                    if client.is_server_ready():
+                        return time.monotonic() - start
+            except Exception:  # not listening yet: connection refused or reset
+                pass
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        name = getattr(self.log, "name", None)
+        if isinstance(name, str) and Path(name).is_file():
+            self.log.flush()  # type: ignore[union-attr]
+            return f"; server log {name} ends with:\n" + "\n".join(Path(name).read_text(errors="replace").splitlines()[-30:])
+        return "; see the server log above"
+
+    def send_signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self) -> int:
+        if self.process is None:
+            raise ServerError("the server was not started")
+        return self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout`` s; return the exit code."""
+        try:
+            if self.process is None:
+                return None
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            return self.process.returncode
+        finally:
+            if self._workdir is not None:
+                self._workdir.cleanup()
+                self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a Triton model repository (from `deris-export triton-repo`)",
+        description="Run tritonserver on a repository made by `deris-export triton-repo`: the tritonserver on "
+        "PATH if there is one, else the one bundled in nvidia-pytriton (python-backend repositories only). "
+        "Waits until every model is loaded, then runs until Ctrl-C or SIGTERM and exits with the server's code.",
+    )
+    p.add_argument("--repo", type=Path, required=True, help="model repository directory")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"HTTP port (default {DEFAULT_HTTP_PORT})")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 for every interface)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load (default 300)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra tritonserver argument, e.g. --server-arg=--backend-config=tensorrt,plugins=/p.so (repeatable)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host,
+                              extra_args=args.server_arg)
+        server.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    interrupted = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        server.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            seconds = server.wait_ready(args.ready_timeout)
+        except ServerError as exc:
+            if interrupted:  # stopped on request while the models were loading
+                return server.wait()
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"deris serve: ready in {seconds:.1f} s; HTTP {server.http_url}, gRPC {server.grpc_url} "
+              f"(Ctrl-C stops)", file=sys.stderr, flush=True)
+        return server.wait()
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

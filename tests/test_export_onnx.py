@@ -1,0 +1,360 @@
+"""ONNX export (``deris-export onnx``): graph contract, both MSDA representations, fp16, manifest,
+parity with PyTorch in ONNX Runtime, the per-round chain, CLI errors and interrupted exports.
+
+The tiny preset covers every code path quickly; deris-b-grefcoco's encoders are checked against
+the official code's golden arrays, and the whole B model (marked slow) per sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import deris
+from deris.export import cli, onnx_export
+from deris.export.graphs import GRAPH_NAMES, build_graph, graph_specs
+from deris.export.manifest import sha256_file
+from deris.export.msda import PLUGIN_ATTRIBUTES, PLUGIN_OP
+from deris.export.onnx_export import ExportOptions, export_onnx
+from deris.export.runtime import OnnxPipeline
+from deris.export.verify import format_table, synthetic_inputs, verify_export
+from deris.postprocess import decide
+
+TINY = "deris-tiny"
+TINY_RESOLUTION = 128
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> deris.DeRIS:
+    torch.manual_seed(0)
+    return deris.build_model(TINY)
+
+
+@pytest.fixture(scope="module")
+def gridsample_export(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "tiny-gridsample"
+    return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION), progress=False)
+
+
+@pytest.fixture(scope="module")
+def plugin_export(tiny_model, tmp_path_factory) -> Path:
+    # MSDA lives only in the perception graph: every other graph is identical in both modes.
+    out = tmp_path_factory.mktemp("export") / "tiny-plugin"
+    return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, msda="trt-plugin", graphs=("perception",)), progress=False)
+
+
+def assert_all_pass(checks, graphs) -> None:
+    assert {(c.graph, c.batch) for c in checks} == {(g, b) for g in graphs for b in (1, 3)}
+    assert all(c.passed for c in checks), "\n" + format_table(checks)
+
+
+def test_wrappers_follow_the_contract(tiny_model):
+    """Forward arguments are named like the graph inputs (dynamic_shapes relies on it) and the
+    wrappers' outputs have the contract's shapes."""
+    specs = graph_specs(tiny_model.cfg, TINY_RESOLUTION)
+    assert tuple(specs) == GRAPH_NAMES
+    for name, spec in specs.items():
+        graph = build_graph(name, tiny_model)
+        assert tuple(inspect.signature(graph.forward).parameters) == tuple(t.name for t in spec.inputs), name
+
+
+def test_manifest(gridsample_export, tiny_model):
+    manifest = json.loads((gridsample_export / "manifest.json").read_text())
+    cfg = tiny_model.cfg
+    assert manifest["format_version"] == 1
+    assert {k: manifest[k] for k in ("preset", "resolution", "opset", "msda", "precision", "weights")} == {
+        "preset": TINY, "resolution": TINY_RESOLUTION, "opset": 18, "msda": "gridsample", "precision": "fp32", "weights": "random",
+    }
+    assert (manifest["max_text_len"], manifest["num_queries"], manifest["hidden_dim"]) == (cfg.max_text_len, cfg.num_queries, cfg.hidden_dim)
+    assert manifest["deris_version"] == deris.__version__
+    assert manifest["batch"] == {"name": "batch", "min": 1, "max": 64}
+    assert list(manifest["graphs"]) == list(GRAPH_NAMES)
+    specs = graph_specs(cfg, TINY_RESOLUTION)
+    for name, entry in manifest["graphs"].items():
+        assert entry["file"] == f"{name}.onnx"
+        assert [f["name"] for f in entry["files"]] == [entry["file"]]  # small graphs: no external data
+        for f in entry["files"]:
+            assert sha256_file(gridsample_export / f["name"]) == f["sha256"]
+        assert entry["custom_ops"] == []
+        expected_in = [[t.name, "int64" if t.dtype == torch.int64 else "float32", list(t.shape)] for t in specs[name].inputs]
+        assert [[t["name"], t["dtype"], t["shape"]] for t in entry["inputs"]] == expected_in
+        assert [t["name"] for t in entry["outputs"]] == [t.name for t in specs[name].outputs]
+    assert manifest["graphs"]["perception"]["outputs"][0]["shape"] == ["batch", cfg.hidden_dim, TINY_RESOLUTION // 32, TINY_RESOLUTION // 32]
+    assert manifest["graphs"]["round_3"]["outputs"][-1] == {"name": "existence", "dtype": "float32", "shape": ["batch", 1]}
+    assert sorted(p.name for p in gridsample_export.iterdir()) == sorted([f"{g}.onnx" for g in GRAPH_NAMES] + ["manifest.json"])
+
+
+def test_graphs_pass_checker_and_polygraphy(gridsample_export, plugin_export):
+    for path in [*gridsample_export.glob("*.onnx"), plugin_export / "perception.onnx"]:
+        onnx.checker.check_model(str(path), full_check=True)
+    polygraphy = shutil.which("polygraphy", path=str(Path(sys.executable).parent))
+    assert polygraphy, "polygraphy is not installed beside the interpreter"
+    result = subprocess.run([polygraphy, "inspect", "model", str(plugin_export / "perception.onnx"), "--show", "layers"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert PLUGIN_OP in result.stdout and "'trt': 1" in result.stdout
+
+
+def test_gridsample_graphs_match_pytorch(gridsample_export, tiny_model):
+    assert_all_pass(verify_export(gridsample_export, tiny_model), GRAPH_NAMES)
+    ops = {n.op_type for n in onnx.load(str(gridsample_export / "perception.onnx")).graph.node}
+    assert "GridSample" in ops and PLUGIN_OP not in ops
+
+
+def test_plugin_graph_follows_tensorrt_contract_and_matches_pytorch(plugin_export, tiny_model):
+    model = onnx.load(str(plugin_export / "perception.onnx"))
+    graph = model.graph
+    nodes = [n for n in graph.node if n.op_type == PLUGIN_OP]
+    assert len(nodes) == tiny_model.cfg.pixel_decoder.num_layers  # one per deformable layer
+    assert "GridSample" not in {n.op_type for n in graph.node}
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 18), ("trt", 1)}
+    types = {v.name: v.type.tensor_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i for i in graph.initializer})
+    heads, points = tiny_model.cfg.pixel_decoder.num_heads, tiny_model.cfg.pixel_decoder.num_points
+    head_dim = tiny_model.cfg.hidden_dim // heads
+    tokens = sum((TINY_RESOLUTION // s) ** 2 for s in (32, 16, 8))
+
+    def dims(name: str) -> list:
+        return [d.dim_param or d.dim_value for d in types[name].shape.dim]
+
+    for node in nodes:
+        assert node.domain == "trt"
+        assert {a.name: a.s.decode() for a in node.attribute} == PLUGIN_ATTRIBUTES
+        value, shapes, starts, locations, weights = node.input
+        assert types[shapes].data_type == types[starts].data_type == onnx.TensorProto.INT32
+        assert onnx.numpy_helper.to_array(types[shapes]).tolist() == [[TINY_RESOLUTION // s] * 2 for s in (32, 16, 8)]
+        assert onnx.numpy_helper.to_array(types[starts]).tolist() == [0, 16, 80]
+        assert dims(value) == ["batch", tokens, heads, head_dim]
+        assert dims(locations) == ["batch", tokens, heads, 3, points, 2]
+        assert dims(weights) == ["batch", tokens, heads, 3, points]
+        assert dims(node.output[0]) == ["batch", tokens, heads, head_dim]
+    manifest = json.loads((plugin_export / "manifest.json").read_text())
+    assert manifest["msda"] == "trt-plugin"
+    assert manifest["graphs"]["perception"]["custom_ops"] == [f"trt::{PLUGIN_OP}"]
+    assert_all_pass(verify_export(plugin_export, tiny_model), ["perception"])
+
+
+def test_round_chain_reproduces_decoder_and_model(gridsample_export, plugin_export, tiny_model):
+    inputs = synthetic_inputs(tiny_model.cfg, TINY_RESOLUTION, batch=3, seed=7)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    pipeline = OnnxPipeline(gridsample_export)
+    chained = pipeline(feeds, per_round=True)
+    fused = pipeline(feeds)
+    with torch.inference_mode():
+        expected = tiny_model(inputs["img"], inputs["img_mini"], inputs["token_ids"], inputs["text_pad_mask"])
+    # The perception graph with the plugin node feeds the same decoder.
+    plugin_values = dict(feeds, **OnnxPipeline(plugin_export).run("perception", feeds))
+    plugin_values.update(pipeline.run("cognition", feeds))
+    via_plugin = pipeline.run("decoder", plugin_values)
+    for name, reference in (("mask_logits", "pred_masks_lowres"), ("refer_logits", "pred_refer_logits"), ("existence", "pred_existence")):
+        ref = expected[reference].numpy()
+        tolerance = 1e-4 * np.abs(ref).max() + 1e-5
+        assert np.abs(chained[name] - fused[name]).max() <= tolerance, name
+        for produced in (chained[name], fused[name], via_plugin[name]):
+            assert np.abs(produced - ref).max() <= tolerance, name
+    scores, _, masks = decide(torch.from_numpy(chained["mask_logits"]), torch.from_numpy(chained["refer_logits"]), tiny_model.cfg.score_threshold)
+    ref_scores, _, ref_masks = decide(expected["pred_masks_lowres"], expected["pred_refer_logits"], tiny_model.cfg.score_threshold)
+    assert torch.equal(scores > tiny_model.cfg.score_threshold, ref_scores > tiny_model.cfg.score_threshold)
+    assert (masks != ref_masks).float().mean() < 1e-3
+
+
+def test_cli_fp16_plugin_export(tmp_path, capsys):
+    out = tmp_path / "fp16"
+    code = cli.main([
+        "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin", "--precision", "fp16",
+        "--graphs", "perception", "--out", str(out), "--quiet",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "RANDOM weights" in captured.err
+    assert "verification passed" in captured.out and "FAIL" not in captured.out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and list(manifest["graphs"]) == ["perception"]
+    entry = manifest["graphs"]["perception"]
+    assert [t["dtype"] for t in entry["inputs"] + entry["outputs"]] == ["float16"] * 5
+    # Normalisation, softmax and MSDA run in float32 inside the fp16 graph.
+    graph = onnx.load(str(out / "perception.onnx")).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    kept = [n for n in graph.node if n.op_type in ("LayerNormalization", "Softmax", "InstanceNormalization", PLUGIN_OP)]
+    assert kept and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in kept)
+    assert any(types[n.input[0]] == onnx.TensorProto.FLOAT16 for n in graph.node if n.op_type == "MatMul")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "deris-huge"], "unknown preset 'deris-huge'"),
+        (["--preset", TINY, "--resolution", "100"], "positive multiple of 32"),
+        (["--preset", TINY, "--resolution", "0"], "positive multiple of 32"),
+    ],
+)
+def test_cli_rejects_bad_requests(tmp_path, capsys, args, message):
+    code = cli.main(["onnx", *args, "--random-weights", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_existing_and_unwritable_output(tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert cli.main(["onnx", "--preset", TINY, "--random-weights", "--out", str(existing)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["onnx", "--preset", TINY, "--random-weights", "--out", str(blocker / "out")]) == 2
+    assert "cannot write the output directory" in capsys.readouterr().err
+    assert cli.main(["onnx", "--preset", TINY, "--random-weights", "--out", "/proc/deris-export-test"]) == 2
+    assert "cannot write the output directory" in capsys.readouterr().err
+    # argparse-level errors exit 2 as well.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["onnx", "--preset", TINY, "--random-weights", "--graphs", "encoder", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["onnx", "--preset", TINY, "--out", str(tmp_path / "x")])  # neither --checkpoint nor --random-weights
+    assert exc.value.code == 2
+
+
+def test_cli_trt_needs_tensorrt(tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here")
+    assert cli.main(["trt", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "engines")]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "engines").exists()
+
+
+def _interrupt_after(monkeypatch, graphs_done: int) -> None:
+    real = onnx_export.export_graph
+    calls = []
+
+    def export_then_interrupt(*args, **kwargs):
+        if len(calls) == graphs_done:
+            raise KeyboardInterrupt
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(onnx_export, "export_graph", export_then_interrupt)
+
+
+def test_interrupted_export_leaves_no_output(tmp_path, monkeypatch, tiny_model, capsys):
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, graphs_done=1)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, graphs=("round_1", "round_2")), progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither out nor the staging directory
+    # Through the CLI, and with --force over an existing export: the old directory survives intact.
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    _interrupt_after(monkeypatch, graphs_done=0)
+    code = cli.main(["onnx", "--preset", TINY, "--random-weights", "--graphs", "round_1", "--force", "--out", str(out), "--quiet"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "manifest.json").read_text() == "{}"
+
+
+def test_force_replaces_and_external_data(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.onnx").write_text("")
+    export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, graphs=("round_1",)), force=True, progress=False, external_data_threshold=0)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "round_1.onnx", "round_1.onnx.data"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    entry = json.loads((out / "manifest.json").read_text())["graphs"]["round_1"]
+    assert [f["name"] for f in entry["files"]] == ["round_1.onnx", "round_1.onnx.data"]
+    assert all(sha256_file(out / f["name"]) == f["sha256"] for f in entry["files"])
+    onnx.checker.check_model(str(out / "round_1.onnx"), full_check=True)
+    assert_all_pass(verify_export(out, tiny_model), ["round_1"])
+
+
+# ------------------------------------------------------------------------------------------------
+# deris-b-grefcoco with the golden (synthetic official) weights against the official code's arrays
+# ------------------------------------------------------------------------------------------------
+
+B_CONFIG = "DERIS-B-grefcoco"
+
+
+@pytest.fixture(scope="module")
+def golden_b():
+    from golden import case_paths, golden_check, golden_dir
+
+    from deris.synthetic import load_manifest, official_state_dict
+
+    manifest = load_manifest(golden_dir() / f"manifest_{B_CONFIG}.json")
+    model = deris.build_model(B_CONFIG)
+    deris.load_checkpoint(model, official_state_dict(manifest, manifest["weight_salts"]["caseA"], model))
+    case, _ = golden_check().load_case(str(golden_dir() / f"golden_{B_CONFIG}_caseA.npz"))
+    assert case_paths(B_CONFIG)
+    return model, case, golden_check()
+
+
+def golden_inputs(case, index: slice = slice(None)) -> dict[str, np.ndarray]:
+    return {
+        "img": case["in_img"][index],
+        "img_mini": case["in_img_mini"][index],
+        "token_ids": case["in_ref_expr_inds"][index],
+        "text_pad_mask": case["in_text_attention_mask"][index],
+    }
+
+
+def assert_golden(checker, case, produced: dict[str, np.ndarray]) -> None:
+    ok, rows = checker.check(case, produced, verbose=False)
+    assert ok, "\n".join(f"{k}: {msg}" for k, passed, msg in rows if not passed)
+
+
+def summaries(prefix: str, f: np.ndarray, channel_step: int, spatial_step: int) -> dict[str, np.ndarray]:
+    """The golden file's reductions of a large feature map (see shared/golden/README.md)."""
+    return {
+        f"{prefix}_chmean": f.mean((2, 3)),
+        f"{prefix}_posmean": f.mean(1),
+        f"{prefix}_slice": f[:, ::channel_step, ::spatial_step, ::spatial_step],
+    }
+
+
+def test_b_grefcoco_encoders_match_official(golden_b, tmp_path):
+    model, case, checker = golden_b
+    out = export_onnx(model, tmp_path / "b", ExportOptions(384, graphs=("cognition", "perception"), weights="golden"), progress=False)
+    pipeline = OnnxPipeline(out)
+    feeds = golden_inputs(case)  # the golden batch of 2; the encoders are batch-independent
+    cognition = pipeline.run("cognition", feeds)
+    perception = pipeline.run("perception", feeds)
+    produced = {
+        "pre_img_feat": cognition["img_feat"],
+        "pre_text_feat": cognition["text_feat"],
+        "pd_msf0": perception["ms0"],
+        "pd_msf1": perception["ms1"],
+        **summaries("pd_msf2", perception["ms2"], 16, 1),
+        **summaries("pd_mask_features", perception["mask_features"], 16, 2),
+    }
+    assert_golden(checker, case, produced)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("msda", ["gridsample", "trt-plugin"])
+def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, tmp_path, msda):
+    model, case, checker = golden_b
+    out = export_onnx(model, tmp_path / "b", ExportOptions(384, msda=msda, weights="golden"), progress=False)
+    pipeline = OnnxPipeline(out)
+    threshold = model.cfg.score_threshold
+    for b in range(case["in_img"].shape[0]):
+        feeds = golden_inputs(case, slice(b, b + 1))
+        for per_round in (False, True):
+            result = pipeline(feeds, per_round=per_round)
+            _, _, mask = decide(torch.from_numpy(result["mask_logits"]), torch.from_numpy(result["refer_logits"]), threshold)
+            assert_golden(checker, case, {
+                f"b1_s{b}_r3_mask_logits_lowres": result["mask_logits"],
+                f"b1_s{b}_out_pred_refer_logits": result["refer_logits"],
+                f"b1_s{b}_out_pred_existence": result["existence"],
+                f"b1_s{b}_post_global_mask": mask.numpy().astype(np.uint8),
+            })

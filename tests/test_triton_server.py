@@ -1,0 +1,339 @@
+"""A real tritonserver (bundled in nvidia-pytriton) serving the `deris` ensemble of deris-tiny.
+
+The server runs the python-backend repository (ONNX Runtime inside python models); its answers
+are compared with the local PyTorch ``Predictor`` built from the same checkpoint and tokenizer:
+masks exactly, scores to 1e-5. Then batching (concurrent vs one by one), load, bad requests, and
+the `deris client` / `deris serve` commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import skimage.data
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+pytest.register_assert_rewrite("tis")  # before the import below, so its asserts explain themselves
+from tis import TinyExport, encode, free_port, png_claiming_size, small, synthetic_image  # noqa: E402
+
+from deris.client import ClientError, DerisClient, add_client  # noqa: E402
+from deris.outputs import write_prediction_files  # noqa: E402
+from deris.postprocess import Prediction  # noqa: E402
+from deris.predictor import Predictor  # noqa: E402
+
+pytest_plugins = ["tis"]  # one set of session fixtures shared by every test_triton_* module
+
+PROTOCOLS = ("http", "grpc")
+SCORE_ATOL = 1e-5
+TEXTS = ("the man on the left", "red car", "small dog next to the door")
+IMAGES = {
+    "astronaut.jpg": encode(small(skimage.data.astronaut(), (160, 120)), "JPEG"),
+    "chelsea.png": encode(small(skimage.data.chelsea(), (150, 100)), "PNG"),
+    "coffee.jpg": encode(small(skimage.data.coffee(), (133, 100)), "JPEG"),
+    "synthetic.png": encode(synthetic_image(), "PNG"),
+    "gray.png": encode(small(skimage.data.camera(), (90, 90))),
+    "rgba.png": encode(np.dstack([small(skimage.data.astronaut(), (64, 80)), np.full((80, 64), 128, np.uint8)])),
+}
+LOAD_IMAGE = IMAGES["synthetic.png"]
+
+
+def url(server: Any, protocol: str) -> str:
+    return str(server.http_url if protocol == "http" else server.grpc_url)
+
+
+def assert_same(served: Prediction, local: Prediction) -> None:
+    assert served.mask.shape == local.mask.shape
+    assert np.array_equal(served.mask, local.mask), f"{int((served.mask != local.mask).sum())} mask pixels differ"
+    np.testing.assert_allclose(served.scores, local.scores, rtol=0, atol=SCORE_ATOL)
+    assert served.no_target == local.no_target
+    assert served.selected == local.selected
+    assert served.existence_prob == pytest.approx(local.existence_prob, abs=SCORE_ATOL)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_matches_local_predictor(triton_server: Any, local_predictor: Any, protocol: str) -> None:
+    with DerisClient(url(triton_server, protocol), protocol) as client:
+        for name, data in IMAGES.items():
+            for text in TEXTS:
+                served = client.predict(data, text)
+                assert served.score_threshold == local_predictor.score_threshold
+                assert_same(served, local_predictor.predict(data, text))
+        # A stricter threshold per request: the server's decision follows it.
+        strict = client.predict(IMAGES["astronaut.jpg"], TEXTS[0], score_threshold=0.95)
+    strict_local = Predictor(local_predictor.model, local_predictor.text_encoder, score_threshold=0.95)
+    assert_same(strict, strict_local.predict(IMAGES["astronaut.jpg"], TEXTS[0]))
+    assert strict.no_target and not strict.mask.any()
+
+
+def batch_sizes_run(server: Any, model: str) -> dict[int, int]:
+    """{batch size: executions} the server has run for ``model`` so far."""
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        stats = client.get_inference_statistics(model)["model_stats"][0]["batch_stats"]
+    return {int(s["batch_size"]): int(s["compute_infer"]["count"]) for s in stats}
+
+
+def run_concurrently(server: Any, jobs: list[tuple[bytes, str]], workers: int) -> list[Prediction]:
+    """Each job from its own thread and connection, all released at once."""
+    barrier = threading.Barrier(workers)
+
+    def one(job: tuple[bytes, str]) -> Prediction:
+        with DerisClient(server.grpc_url, "grpc") as client:
+            barrier.wait()
+            return client.predict(*job)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, jobs))
+
+
+def test_dynamic_batching_gives_the_same_results(triton_server: Any) -> None:
+    jobs = [(data, TEXTS[i % len(TEXTS)]) for i, data in enumerate(list(IMAGES.values()) * 3)][:16]
+    with DerisClient(triton_server.grpc_url, "grpc") as client:
+        one_by_one = [client.predict(*job) for job in jobs]
+    before = batch_sizes_run(triton_server, "round_1")
+    together = run_concurrently(triton_server, jobs, workers=16)
+    after = batch_sizes_run(triton_server, "round_1")
+    batched = {size: count - before.get(size, 0) for size, count in after.items() if size > 1}
+    assert any(batched.values()), f"the concurrent requests were never batched: {after}"
+    for served, single in zip(together, one_by_one):
+        assert_same(served, single)
+
+
+def test_load(triton_server: Any) -> None:
+    clients, per_client = 8, 50
+    texts = [f"{t} {i}" for i in range(4) for t in TEXTS][: clients]
+    with DerisClient(triton_server.grpc_url, "grpc") as client:
+        expected = {text: client.predict(LOAD_IMAGE, text) for text in texts}
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def worker(text: str) -> None:
+        with DerisClient(triton_server.http_url, "http") as client:
+            for _ in range(per_client):
+                start = time.perf_counter()
+                try:
+                    served = client.predict(LOAD_IMAGE, text)
+                    assert_same(served, expected[text])
+                except Exception as exc:  # collected: every request must succeed and match
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    print(f"\nload: {clients} clients x {per_client} requests in {elapsed:.1f} s = {len(latencies) / elapsed:.1f} req/s; "
+          f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    assert not errors, f"{len(errors)} failed requests, first: {errors[0]}"
+    assert len(latencies) == clients * per_client
+
+
+# --- bad requests ------------------------------------------------------------------------------
+
+
+def raw_infer(server: Any, protocol: str, inputs: dict[str, np.ndarray], model: str = "deris",
+              dtypes: dict[str, str] | None = None, parameters: dict[str, Any] | None = None) -> Any:
+    module: Any = httpclient if protocol == "http" else grpcclient
+    with module.InferenceServerClient(url(server, protocol)) as client:
+        tensors = []
+        for name, array in inputs.items():
+            dtype = (dtypes or {}).get(name, "BYTES")
+            tensor = module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return client.infer(model, tensors, parameters=parameters)
+
+
+def request(image: bytes, text: bytes) -> dict[str, np.ndarray]:
+    return {"IMAGE": np.array([[image]], dtype=np.object_), "TEXT": np.array([[text]], dtype=np.object_)}
+
+
+GOOD = request(IMAGES["synthetic.png"], b"the red car")
+BAD_REQUESTS: dict[str, tuple[Callable[[Any, str], Any], str]] = {
+    "corrupt image": (lambda s, p: raw_infer(s, p, request(b"\x89PNG\r\n\x1a\n" + b"\x07" * 64, b"a cat")), "image header is corrupt|not in a recognized image format"),
+    "truncated jpeg header": (lambda s, p: raw_infer(s, p, request(IMAGES["astronaut.jpg"][:200], b"a cat")), "image header is corrupt"),
+    "zero-byte image": (lambda s, p: raw_infer(s, p, request(b"", b"a cat")), r"image data is empty \(0 bytes\)"),
+    "20000x20000 header": (lambda s, p: raw_infer(s, p, request(png_claiming_size(20000, 20000), b"a cat")),
+                           r"image is too large: .*400000000 pixels"),  # refused from the header, never decoded
+    "empty text": (lambda s, p: raw_infer(s, p, request(IMAGES["synthetic.png"], b"")), "text is empty"),
+    "text empty after cleaning": (lambda s, p: raw_infer(s, p, request(IMAGES["synthetic.png"], b"?!.")), "no tokens after cleaning"),
+    "non-UTF-8 text": (lambda s, p: raw_infer(s, p, request(IMAGES["synthetic.png"], b"caf\xe9 \xff")), "not valid UTF-8"),
+    "wrong dtype": (lambda s, p: raw_infer(s, p, GOOD | {"TEXT": np.zeros((1, 1), np.float32)}, dtypes={"TEXT": "FP32"}),
+                    "data-type is 'FP32', but model 'deris' expects 'BYTES'"),
+    "wrong shape": (lambda s, p: raw_infer(s, p, GOOD | {"TEXT": np.array([[b"a", b"b"]], dtype=np.object_)}), "unexpected shape for input 'TEXT'"),
+    "missing input": (lambda s, p: raw_infer(s, p, {"IMAGE": GOOD["IMAGE"]}), "expected 2 inputs but got 1"),
+    "unknown model": (lambda s, p: raw_infer(s, p, GOOD, model="segment-anything"), "unknown model: 'segment-anything'"),
+    "mixed sizes in one request": (lambda s, p: raw_infer(s, p, {
+        "IMAGE": np.array([[IMAGES["synthetic.png"]], [IMAGES["chelsea.png"]]], dtype=np.object_),
+        "TEXT": np.array([[b"a cat"], [b"a dog"]], dtype=np.object_)}), "have different sizes"),
+    "score threshold 1.5": (lambda s, p: raw_infer(s, p, GOOD, parameters={"score_threshold": 1.5}),
+                            r"score_threshold must be a number inside \(0, 1\), got 1.5"),
+    "mask threshold 'high'": (lambda s, p: raw_infer(s, p, GOOD, parameters={"mask_threshold": "high"}),
+                              r"mask_threshold must be a number inside \(0, 1\), got 'high'"),
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request(triton_server: Any, protocol: str, case: str) -> None:
+    send, message = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException, match=message) as info:
+        send(triton_server, protocol)
+    status = str(info.value.status())
+    assert status in (("404", "StatusCode.NOT_FOUND") if case == "unknown model" else ("400", "StatusCode.INVALID_ARGUMENT"))
+    with httpclient.InferenceServerClient(triton_server.http_url) as client:
+        assert client.is_server_ready()
+    assert raw_infer(triton_server, protocol, GOOD).as_numpy("MASK").shape == (1, 72, 100)
+
+
+@pytest.mark.parametrize("name", ["one pixel", "gray.png", "rgba.png", "long text"])
+def test_unusual_valid_requests(triton_server: Any, local_predictor: Any, name: str) -> None:
+    image, text = IMAGES.get(name, IMAGES["synthetic.png"]), TEXTS[0]
+    if name == "one pixel":
+        image = encode(np.full((1, 1, 3), 77, np.uint8))
+    if name == "long text":
+        text = " ".join(["the tall man in a red shirt"] * 20)  # far beyond 16 tokens: truncated
+    with DerisClient(triton_server.http_url) as client:
+        assert_same(client.predict(image, text), local_predictor.predict(image, text))
+
+
+def test_same_size_items_in_one_request(triton_server: Any, local_predictor: Any) -> None:
+    data = IMAGES["coffee.jpg"]
+    result = raw_infer(triton_server, "grpc", {
+        "IMAGE": np.array([[data], [data]], dtype=np.object_),
+        "TEXT": np.array([[TEXTS[0].encode()], [TEXTS[1].encode()]], dtype=np.object_),
+    })
+    for i, text in enumerate(TEXTS[:2]):
+        local = local_predictor.predict(data, text)
+        assert np.array_equal(result.as_numpy("MASK")[i].astype(bool), local.mask)
+        np.testing.assert_allclose(result.as_numpy("SCORES")[i], local.scores, atol=SCORE_ATOL)
+
+
+def test_fused_decoder_repository(tiny_export: TinyExport, local_predictor: Any, tmp_path: Path) -> None:
+    """`--decoder fused` serves the single decoder graph and gives the same answers."""
+    from deris.export.triton_repo import generate_triton_repo
+    from deris.serve import TritonServer
+
+    repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "repo", "python", "fused", spm_path=tiny_export.spm)
+    with open(tmp_path / "server.log", "w") as log, TritonServer(repo, http_port=free_port(), grpc_port=free_port(), log=log) as server:
+        with DerisClient(server.grpc_url, "grpc") as client:
+            for name in ("astronaut.jpg", "gray.png"):
+                assert_same(client.predict(IMAGES[name], TEXTS[0]), local_predictor.predict(IMAGES[name], TEXTS[0]))
+    assert server.process is not None and server.process.returncode == 0
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+def test_client_command_writes_predict_files(triton_server: Any, local_predictor: Any, tmp_path: Path) -> None:
+    import cv2
+
+    parser = argparse.ArgumentParser(prog="deris")
+    add_client(parser.add_subparsers())
+    image = tmp_path / "chelsea.png"
+    image.write_bytes(IMAGES["chelsea.png"])
+    texts = list(TEXTS[:2])
+    for protocol in PROTOCOLS:
+        out = tmp_path / protocol
+        argv = ["client", "--url", url(triton_server, protocol), "--image", str(image), "--out", str(out)]
+        args = parser.parse_args(argv + (["--grpc"] if protocol == "grpc" else []) + [a for t in texts for a in ("--text", t)])
+        assert args.run(args) == 0
+        # What `deris predict` writes for the same image and texts.
+        local_out = tmp_path / f"local_{protocol}"
+        rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+        write_prediction_files(local_out, image.name, rgb, texts, [local_predictor.predict(image, t) for t in texts])
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in local_out.iterdir())
+        for i in range(len(texts)):
+            name = f"chelsea.t{i}.mask.png"
+            assert (out / name).read_bytes() == (local_out / name).read_bytes()
+        served, local = (json.loads((d / "chelsea.json").read_text()) for d in (out, local_out))
+        for a, b in zip(served["results"], local["results"]):
+            np.testing.assert_allclose(a.pop("scores"), b.pop("scores"), atol=SCORE_ATOL)
+            for key in ("max_score", "existence_prob"):
+                assert a.pop(key) == pytest.approx(b.pop(key), abs=SCORE_ATOL)
+            assert a == b
+
+
+def test_client_errors(triton_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for protocol in PROTOCOLS:
+        with DerisClient(f"127.0.0.1:{free_port()}", protocol) as client:
+            with pytest.raises(ClientError, match="cannot reach the Triton server at 127.0.0.1:.* is `deris serve` running there?"):
+                client.predict(IMAGES["synthetic.png"], "a cat")
+    parser = argparse.ArgumentParser(prog="deris")
+    add_client(parser.add_subparsers())
+    image = tmp_path / "empty.png"
+    image.write_bytes(b"")
+    args = parser.parse_args(["client", "--url", triton_server.http_url, "--image", str(image), "--text", "a cat", "--out", str(tmp_path / "o")])
+    assert args.run(args) == 1
+    assert "answered [400] in ensemble 'deris', image data is empty (0 bytes)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+SERVE_SCRIPT = """
+import argparse, sys
+from deris.serve import add_serve
+parser = argparse.ArgumentParser(prog="deris")
+add_serve(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.run(args))
+"""
+
+
+def test_serve_command_stops_cleanly_on_ctrl_c(python_repo: Path, tmp_path: Path) -> None:
+    """`deris serve` on a one-model repository: ready, then SIGINT is forwarded and it exits with 0."""
+    repo = tmp_path / "repo"
+    shutil.copytree(python_repo / "round_0", repo / "round_0")
+    http_port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, "serve", "--repo", str(repo), "--http-port", str(http_port), "--grpc-port", str(free_port())],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "ready in" not in (tmp_path / "serve.log").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.25)
+        with httpclient.InferenceServerClient(f"127.0.0.1:{http_port}") as client:
+            assert client.is_model_ready("round_0")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_serve_command_refuses_a_non_repository(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, "serve", "--repo", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "is not a Triton model repository (no <model>/config.pbtxt)" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("tritonserver") is not None, reason="a full tritonserver is on PATH")
+def test_bundled_server_refuses_onnxruntime_models(tiny_export: TinyExport, tmp_path: Path) -> None:
+    from deris.export.triton_repo import generate_triton_repo
+    from deris.serve import ServerError, TritonServer
+
+    repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "repo", "onnxruntime", spm_path=tiny_export.spm)
+    with pytest.raises(ServerError, match="has onnxruntime_onnx models, .* bundled in nvidia-pytriton has only the python backend"):
+        TritonServer(repo).start()

@@ -1,0 +1,90 @@
+"""Triton python-backend model ``postprocess``: final decoder outputs -> mask, scores, decision.
+
+Runs the official post-processing of ``deris.postprocess`` (the same code ``deris predict`` runs).
+Masks come back at each image's original size, so one request's items must share a size: this
+model has ``max_batch_size: 0`` (the ensemble hands it each request whole, with the batch axis as
+an ordinary first dimension) and refuses a multi-item request whose images differ in size.
+
+Per-request parameters ``score_threshold`` and ``mask_threshold`` (numbers, or strings holding
+numbers, inside (0, 1)) override the defaults from the config parameters of the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from deris.postprocess import postprocess
+
+THRESHOLDS = ("score_threshold", "mask_threshold")
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered; the message goes back to the caller."""
+
+
+def _threshold(name: str, value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 < number < 1.0:
+        raise RequestError(f"request parameter {name} must be a number inside (0, 1), got {value!r}")
+    return number
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.defaults = {name: _threshold(name, params[name]["string_value"]) for name in THRESHOLDS}
+        # Post-processing is light; intra-op threads would only compete with the graph models.
+        torch.set_num_threads(1)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._finish(request)))
+            except RequestError as exc:
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+            except Exception as exc:  # an unexpected failure must not take the model down for other requests
+                error = pb_utils.TritonError(f"postprocess failed: {type(exc).__name__}: {exc}")
+                responses.append(pb_utils.InferenceResponse(error=error))
+        return responses
+
+    def _thresholds(self, request: Any) -> dict[str, float]:
+        given = json.loads(request.parameters() or "{}")
+        return {name: _threshold(name, given[name]) if name in given else self.defaults[name] for name in THRESHOLDS}
+
+    def _finish(self, request: Any) -> list[Any]:
+        thresholds = self._thresholds(request)
+
+        def tensor(name: str) -> np.ndarray:
+            return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+        sizes = [(int(h), int(w)) for h, w in tensor("original_size")]
+        if len(set(sizes)) > 1:
+            raise RequestError(
+                f"the {len(sizes)} images of one request have different sizes {sorted(set(sizes))}; masks are "
+                "returned at the original size, so send images of different sizes in separate requests"
+            )
+        predictions = postprocess(
+            torch.from_numpy(tensor("mask_logits")),
+            torch.from_numpy(tensor("refer_logits")),
+            torch.from_numpy(tensor("existence")),
+            sizes,
+            thresholds["score_threshold"],
+            thresholds["mask_threshold"],
+        )
+        return [
+            pb_utils.Tensor("MASK", np.stack([p.mask for p in predictions]).astype(np.uint8)),
+            pb_utils.Tensor("SCORES", np.stack([p.scores for p in predictions]).astype(np.float32)),
+            pb_utils.Tensor("NO_TARGET", np.array([[p.no_target] for p in predictions], dtype=bool)),
+            pb_utils.Tensor("EXISTENCE_PROB", np.array([[p.existence_prob] for p in predictions], dtype=np.float32)),
+        ]
