@@ -48,19 +48,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def paired_medians(first: Callable[[], object], second: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
-    """Median wall times (ms) of two callables, timed alternately so that both see the same
-    background load (the benchmark machine is shared)."""
+def median_ms(run: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median wall time (ms) of ``repeats`` runs after ``warmup`` runs. The two runtimes are timed
+    in separate blocks, not alternately: both keep their worker threads spinning for a while
+    after a run (ORT's intra-op pool, OpenMP), which would steal the cores from the other one."""
     for _ in range(warmup):
-        first()
-        second()
-    times: tuple[list[float], list[float]] = ([], [])
+        run()
+    times = []
     for _ in range(repeats):
-        for run, bucket in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            run()
-            bucket.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def benchmark(
@@ -83,7 +82,8 @@ def benchmark(
             with kernels.backend("torch"), torch.inference_mode():
                 return module(*feeds.values())
 
-        eager_ms, ort_ms = paired_medians(eager, lambda: pipeline.run(name, numpy_feeds), warmup, repeats)
+        eager_ms = median_ms(eager, warmup, repeats)
+        ort_ms = median_ms(lambda: pipeline.run(name, numpy_feeds), warmup, repeats)
         rows.append((name, eager_ms, ort_ms))
         print(f"{name:12s} torch {rows[-1][1]:9.1f} ms   onnxruntime {rows[-1][2]:9.1f} ms", flush=True)
     return rows
@@ -104,7 +104,7 @@ def markdown(
         f"{manifest['mini_resolution']}), L={manifest['max_text_len']}, N={manifest['num_queries']}, weights: {manifest['weights']}",
         f"* export: opset {manifest['opset']}, MSDA {manifest['msda']}, {manifest['precision']}; "
         "ORT CPUExecutionProvider with default graph optimisations",
-        f"* batch 1; median of {repeats} runs after {warmup} warm-up runs, PyTorch and ORT runs alternating; "
+        f"* batch 1; median of {repeats} runs after {warmup} warm-up runs, each runtime timed in its own block; "
         "PyTorch eager in inference_mode, float32",
         "",
         "| graph | PyTorch eager (ms) | ONNX Runtime (ms) | speed-up |",
