@@ -21,13 +21,15 @@ import torch
 
 import deris
 from deris.export import cli, onnx_export
-from deris.export.graphs import GRAPH_NAMES, build_graph, graph_specs
+from deris.export.graphs import GRAPH_NAMES, build_graph, example_inputs, graph_specs
 from deris.export.manifest import sha256_file
 from deris.export.msda import PLUGIN_ATTRIBUTES, PLUGIN_OP
 from deris.export.onnx_export import ExportOptions, export_onnx
 from deris.export.runtime import OnnxPipeline
 from deris.export.verify import format_table, synthetic_inputs, verify_export
 from deris.postprocess import decide
+from deris.synthetic import load_manifest, official_state_dict
+from golden import case_paths, golden_check, golden_dir
 
 TINY = "deris-tiny"
 TINY_RESOLUTION = 128
@@ -47,9 +49,8 @@ def gridsample_export(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plugin_export(tiny_model, tmp_path_factory) -> Path:
-    # MSDA lives only in the perception graph: every other graph is identical in both modes.
     out = tmp_path_factory.mktemp("export") / "tiny-plugin"
-    return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, msda="trt-plugin", graphs=("perception",)), progress=False)
+    return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, msda="trt-plugin"), progress=False)
 
 
 def assert_all_pass(checks, graphs) -> None:
@@ -65,6 +66,9 @@ def test_wrappers_follow_the_contract(tiny_model):
     for name, spec in specs.items():
         graph = build_graph(name, tiny_model)
         assert tuple(inspect.signature(graph.forward).parameters) == tuple(t.name for t in spec.inputs), name
+        with torch.inference_mode():
+            outputs = graph(*example_inputs(spec, 2, vocab_size=tiny_model.cfg.beit3.vocab_size))
+        assert [tuple(o.shape) for o in outputs] == [tuple(2 if d == "batch" else d for d in t.shape) for t in spec.outputs], name
 
 
 def test_manifest(gridsample_export, tiny_model):
@@ -139,7 +143,17 @@ def test_plugin_graph_follows_tensorrt_contract_and_matches_pytorch(plugin_expor
     manifest = json.loads((plugin_export / "manifest.json").read_text())
     assert manifest["msda"] == "trt-plugin"
     assert manifest["graphs"]["perception"]["custom_ops"] == [f"trt::{PLUGIN_OP}"]
-    assert_all_pass(verify_export(plugin_export, tiny_model), ["perception"])
+    assert_all_pass(verify_export(plugin_export, tiny_model), GRAPH_NAMES)
+
+
+def test_msda_mode_changes_only_the_perception_graph(gridsample_export, plugin_export):
+    graphs = {
+        mode: json.loads((directory / "manifest.json").read_text())["graphs"]
+        for mode, directory in (("gridsample", gridsample_export), ("trt-plugin", plugin_export))
+    }
+    for name in GRAPH_NAMES:
+        same = graphs["gridsample"][name]["files"] == graphs["trt-plugin"][name]["files"]
+        assert same == (name != "perception"), name
 
 
 def test_round_chain_reproduces_decoder_and_model(gridsample_export, plugin_export, tiny_model):
@@ -224,6 +238,20 @@ def test_cli_rejects_existing_and_unwritable_output(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_cli_with_checkpoint(tmp_path, tiny_model, capsys):
+    checkpoint = deris.save_checkpoint(tiny_model, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    assert cli.main(["onnx", "--preset", TINY, "--checkpoint", str(checkpoint), "--graphs", "round_1", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "verification passed" in captured.out and "RANDOM" not in captured.err
+    assert json.loads((out / "manifest.json").read_text())["weights"] == "tiny.safetensors"
+    missing = ["onnx", "--preset", TINY, "--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")]
+    assert cli.main(missing) == 2 and "does not exist" in capsys.readouterr().err
+    wrong_preset = ["onnx", "--preset", "deris-b-refcoco", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]
+    assert cli.main(wrong_preset) == 2 and "does not fit preset deris-b-refcoco" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_trt_needs_tensorrt(tmp_path, capsys):
     try:
         import tensorrt  # noqa: F401
@@ -287,10 +315,6 @@ B_CONFIG = "DERIS-B-grefcoco"
 
 @pytest.fixture(scope="module")
 def golden_b():
-    from golden import case_paths, golden_check, golden_dir
-
-    from deris.synthetic import load_manifest, official_state_dict
-
     manifest = load_manifest(golden_dir() / f"manifest_{B_CONFIG}.json")
     model = deris.build_model(B_CONFIG)
     deris.load_checkpoint(model, official_state_dict(manifest, manifest["weight_salts"]["caseA"], model))
