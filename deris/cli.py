@@ -32,8 +32,11 @@ def add_predict(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import cv2
+
     from deris.outputs import write_prediction_files
     from deris.predictor import Predictor
+    from deris.preprocess import load_image
 
     if args.checkpoint is None and not args.random_weights:
         print("error: --checkpoint is required (or pass --random-weights for a smoke test)", file=sys.stderr)
@@ -46,22 +49,16 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(
         args.preset, args.checkpoint, args.tokenizer, device=args.device, score_threshold=args.score_threshold
     )
-    prepared = predictor.prepare(args.image)
+    # Decode once: the original serves both the model inputs and the overlay.
+    image_rgb = cv2.cvtColor(load_image(args.image), cv2.COLOR_BGR2RGB)
+    prepared = predictor.prepare(image_rgb)
     predictions = predictor.predict_prepared([prepared] * len(args.text), args.text)
-    files = write_prediction_files(args.out, args.image.name, rgb_original(args.image), args.text, predictions)
+    files = write_prediction_files(args.out, args.image.name, image_rgb, args.text, predictions)
     for text, pred in zip(args.text, predictions):
         decision = "no target" if pred.no_target else f"queries {pred.selected}, {int(pred.mask.sum())} pixels"
         print(f"{text!r}: {decision} (max score {pred.scores.max():.3f}, threshold {pred.score_threshold})")
     print(f"wrote {len(files)} files to {args.out}")
     return 0
-
-
-def rgb_original(path: Path):  # type: ignore[no-untyped-def]
-    import cv2
-
-    from deris.preprocess import load_image
-
-    return cv2.cvtColor(load_image(path), cv2.COLOR_BGR2RGB)
 
 
 def add_convert(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

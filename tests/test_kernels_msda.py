@@ -28,23 +28,7 @@ import deris.kernels as kernels
 # The package's ms_deform_attn attribute is the public function, which hides the submodule.
 msda_module = importlib.import_module("deris.kernels.ms_deform_attn")
 
-FP32_TOLERANCE = 1e-5
-ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
-
-
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.delenv("DERIS_KERNELS", raising=False)
-    with kernels.backend("triton"):
-        yield
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected).abs().max().item()
-    tolerance = (FP32_TOLERANCE + ROUNDING[dtype]) * scale
-    assert error <= tolerance, f"{what}: max error {error:.3g} > {tolerance:.3g} (max|expected| {scale:.3g})"
+from kernel_checks import assert_close, triton_backend  # noqa: F401 (autouse fixture)
 
 
 def pixel_locations(shapes, batch, queries, heads, points, generator) -> torch.Tensor:
