@@ -161,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import deris
-    from deris.client import DerisClient
+    from deris.triton_repo.client import DerisClient
     from deris.export.onnx_export import ExportOptions, export_onnx
-    from deris.export.triton_repo import generate_triton_repo
+    from deris.triton_repo.repository import generate_triton_repo
     from deris.outputs import atomic_write
     from deris.predictor import Predictor
-    from deris.serve import TritonServer
+    from deris.triton_repo.server import TritonServer
     from deris.text import TextEncoder
 
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"serving_{args.preset}.md"

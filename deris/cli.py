@@ -1,25 +1,32 @@
-"""``deris``: predict with a checkpoint, convert official checkpoints, serve and query a Triton server."""
+"""``deris``: predict with a checkpoint, convert official checkpoints, serve and query a Triton server.
+
+Every subcommand follows :mod:`deris.cli_support` (flags, errors, exit codes). Heavy modules are
+imported inside the commands: ``deris --help`` and ``deris client`` never import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-from deris.config import PRESETS
+from deris.cli_support import EXIT_OK, UsageError, add_command, add_force, add_preset, add_quiet, run_main
 
-Command = Callable[[argparse.Namespace], int]
+PROG = "deris"
 
 
-def add_predict(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser(
-        "predict",
+def register_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+    p = add_command(
+        sub, "predict", run=run_predict,
         help="segment what one or more expressions refer to in an image",
-        description="Run DeRIS on one image and one or more expressions. Writes, per expression, a binary "
-        "mask PNG and an overlay PNG, plus one JSON with per-query scores and the decision.",
+        description="Run DeRIS on one image and one or more expressions. Writes, per expression i, a binary mask "
+        "<image>.t<i>.mask.png (0/255, the original size) and an overlay <image>.t<i>.overlay.png, plus one "
+        "<image>.json with per-query scores, the selected queries and the no-target decision.",
+        examples="  deris predict --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --tokenizer beit3.spm \\\n"
+        "      --image kitchen.jpg --text 'the cup left of the kettle' --text 'the dog' --out out/",
     )
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model preset")
+    add_preset(p)
     p.add_argument("--checkpoint", type=Path, help="official DeRIS checkpoint (.pth) or a deris-format file")
     p.add_argument("--random-weights", action="store_true", help="run without a checkpoint (smoke test; masks are meaningless)")
     p.add_argument("--tokenizer", type=Path, required=True, help="BEiT-3 sentencepiece model (beit3.spm)")
@@ -28,24 +35,21 @@ def add_predict(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--score-threshold", type=float, help="override the preset's score threshold, in (0, 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.set_defaults(run=run_predict)
+    add_force(p)
+    add_quiet(p)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (not args.random_weights):
+        raise UsageError("pass exactly one of --checkpoint FILE or --random-weights (a smoke test; masks are meaningless)")
+    if args.random_weights:
+        print("warning: running with random weights: the masks are meaningless", file=sys.stderr)
     import cv2
 
-    from deris.outputs import write_prediction_files
+    from deris.outputs import print_predictions, write_prediction_files
     from deris.predictor import Predictor
     from deris.preprocess import load_image
 
-    if args.checkpoint is None and not args.random_weights:
-        print("error: --checkpoint is required (or pass --random-weights for a smoke test)", file=sys.stderr)
-        return 2
-    if args.checkpoint is not None and args.random_weights:
-        print("error: pass either --checkpoint or --random-weights, not both", file=sys.stderr)
-        return 2
-    if args.random_weights:
-        print("warning: running with random weights: the masks are meaningless", file=sys.stderr)
     predictor = Predictor.from_checkpoint(
         args.preset, args.checkpoint, args.tokenizer, device=args.device, score_threshold=args.score_threshold
     )
@@ -53,28 +57,30 @@ def run_predict(args: argparse.Namespace) -> int:
     image_rgb = cv2.cvtColor(load_image(args.image), cv2.COLOR_BGR2RGB)
     prepared = predictor.prepare(image_rgb)
     predictions = predictor.predict_prepared([prepared] * len(args.text), args.text)
-    files = write_prediction_files(args.out, args.image.name, image_rgb, args.text, predictions)
-    for text, pred in zip(args.text, predictions):
-        decision = "no target" if pred.no_target else f"queries {pred.selected}, {int(pred.mask.sum())} pixels"
-        print(f"{text!r}: {decision} (max score {pred.scores.max():.3f}, threshold {pred.score_threshold})")
-    print(f"wrote {len(files)} files to {args.out}")
-    return 0
+    files = write_prediction_files(args.out, args.image.name, image_rgb, args.text, predictions, force=args.force)
+    print_predictions(args.text, predictions, files, args.out)
+    return EXIT_OK
 
 
-def add_convert(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser(
-        "convert",
+def register_convert(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+    p = add_command(
+        sub, "convert", run=run_convert,
         help="convert an official DeRIS checkpoint to this project's format",
-        description="Load an official checkpoint strictly into a preset (every missing, unexpected or "
-        "mis-shaped key is reported) and save it as .safetensors (or a torch .pt file).",
+        description="Load an official checkpoint strictly into a preset (every missing, unexpected or mis-shaped key "
+        "is reported; nothing is unpickled beyond what official checkpoints contain) and save it as .safetensors "
+        "(or a torch .pt file).",
+        examples="  deris convert --preset deris-l-refcoco --checkpoint DeRIS-L-refcoco.pth --out deris-l-refcoco.safetensors",
     )
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    add_preset(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="official checkpoint (.pth)")
     p.add_argument("--out", type=Path, required=True, help="output file: .safetensors, or .pt/.pth for torch format")
-    p.set_defaults(run=run_convert)
+    add_force(p)
+    add_quiet(p)
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} already exists; pass --force to replace it")
     import deris
 
     model = deris.build_model(args.preset)
@@ -83,41 +89,34 @@ def run_convert(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.parameters())
     if report is not None:
         print(f"official checkpoint: {report.summary()}")
-        for key, reason in sorted(report.dropped.items()):
-            print(f"  dropped {key}: {reason}")
+        if not args.quiet:
+            for key, reason in sorted(report.dropped.items()):
+                print(f"  dropped {key}: {reason}")
     else:
         print("checkpoint was already in deris format")
     print(f"{args.preset}: {params / 1e6:.1f} M parameters -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deris",
-        description="DeRIS referring image segmentation: predict, convert checkpoints, serve, query a server.",
-    )
-    from deris.client import add_client
-    from deris.serve import add_serve
+    from deris.triton_repo.client import register as register_client
+    from deris.triton_repo.server import register as register_serve
 
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_predict(sub)
-    add_convert(sub)
-    add_serve(sub)
-    add_client(sub)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="DeRIS referring image segmentation: predict, convert checkpoints, serve, query a server. "
+        "See `deris COMMAND --help`; exports are `deris-export`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_predict(sub)
+    register_convert(sub)
+    register_serve(sub)
+    register_client(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from deris.checkpoint import CheckpointError
-    from deris.preprocess import ImageError
-    from deris.text import TextError, TokenizerError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (CheckpointError, ImageError, TextError, TokenizerError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

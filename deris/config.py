@@ -100,16 +100,49 @@ class DerisConfig:
         return cfg
 
     def validate(self) -> None:
+        """Raise ValueError for any combination the model cannot build or run."""
+        from deris.prediction import check_threshold
+
         if self.query_sa not in QUERY_SA_MODES:
             raise ValueError(f"query_sa must be one of {QUERY_SA_MODES}, got {self.query_sa!r}")
         if self.image_size <= 0 or self.image_size % 32:
             raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
         for name in ("score_threshold", "mask_threshold"):
-            value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be inside (0, 1), got {value}")
+            check_threshold(name, getattr(self, name))
         if self.max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 (bos, one token, eos), got {self.max_text_len}")
+        if self.max_text_len + 2 > self.beit3.max_text_positions:
+            raise ValueError(f"max_text_len {self.max_text_len} exceeds BEiT-3's {self.beit3.max_text_positions - 2} text positions")
+        positive = {
+            "num_queries": self.num_queries,
+            "hidden_dim": self.hidden_dim,
+            "decoder.num_layers": self.decoder.num_layers,
+            "pixel_decoder.num_layers": self.pixel_decoder.num_layers,
+            "pixel_decoder.num_points": self.pixel_decoder.num_points,
+            "decoder.aligner_layers": self.decoder.aligner_layers,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        # The pixel decoder reads res2..res5: exactly four Swin stages.
+        if len(self.swin.depths) != 4 or len(self.swin.num_heads) != 4:
+            raise ValueError(f"swin needs 4 stages (res2..res5), got depths {self.swin.depths} and heads {self.swin.num_heads}")
+        divisible = [
+            ("beit3.embed_dim", self.beit3.embed_dim, "beit3.num_heads", self.beit3.num_heads),
+            ("hidden_dim", self.hidden_dim, "decoder.num_heads", self.decoder.num_heads),
+            ("hidden_dim", self.hidden_dim, "pixel_decoder.num_heads", self.pixel_decoder.num_heads),
+            ("hidden_dim", self.hidden_dim, "pixel_decoder.num_groups", self.pixel_decoder.num_groups),
+            # the 2-D sine encoding splits the channels between y and x
+            ("hidden_dim", self.hidden_dim, "2", 2),
+            ("beit3.img_size", self.beit3.img_size, "beit3.patch_size", self.beit3.patch_size),
+        ]
+        divisible += [
+            (f"swin stage {i} width", width, f"swin.num_heads[{i}]", heads)
+            for i, (width, heads) in enumerate(zip(self.swin.channels, self.swin.num_heads))
+        ]
+        for name, value, by_name, by in divisible:
+            if by < 1 or value % by:
+                raise ValueError(f"{name} ({value}) must be divisible by {by_name} ({by})")
 
 
 BEIT3_BASE = BEiT3Config(embed_dim=768, depth=12, num_heads=12, ffn_dim=3072)

@@ -9,28 +9,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from deris.postprocess import Prediction
+from deris.atomic import OutputError, atomic_write
+from deris.prediction import Prediction
 
 TINT = np.array([255, 64, 32], dtype=np.float32)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -55,11 +43,24 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, caption: str) -> np.ndarray
 
 
 def write_prediction_files(
-    out_dir: str | os.PathLike[str], image_name: str, image_rgb: np.ndarray, texts: Sequence[str], predictions: Sequence[Prediction]
+    out_dir: str | os.PathLike[str],
+    image_name: str,
+    image_rgb: np.ndarray,
+    texts: Sequence[str],
+    predictions: Sequence[Prediction],
+    *,
+    force: bool = False,
 ) -> list[Path]:
-    """For text i: ``<name>.t<i>.mask.png`` (0/255), ``<name>.t<i>.overlay.png``; plus ``<name>.json``."""
+    """For text i: ``<name>.t<i>.mask.png`` (0/255), ``<name>.t<i>.overlay.png``; plus ``<name>.json``.
+
+    Existing result files are replaced only with ``force`` (checked before anything is written)."""
     out = Path(out_dir)
     stem = Path(image_name).stem
+    if not force:
+        targets = [out / f"{stem}.json"] + [out / f"{stem}.t{i}.{kind}.png" for i in range(len(texts)) for kind in ("mask", "overlay")]
+        existing = [p.name for p in targets if p.exists()]
+        if existing:
+            raise OutputError(f"{out} already holds {', '.join(existing)}; pass --force to replace them")
     written = []
     records = []
     for i, (text, pred) in enumerate(zip(texts, predictions)):
@@ -74,3 +75,11 @@ def write_prediction_files(
     json_path = out / f"{stem}.json"
     atomic_write(json_path, (json.dumps({"image": image_name, "results": records}, indent=2) + "\n").encode())
     return written + [json_path]
+
+
+def print_predictions(texts: Sequence[str], predictions: Sequence[Prediction], files: Sequence[Path], out: Path) -> None:
+    """The one-line-per-expression summary that ``deris predict`` and ``deris client`` print."""
+    for text, pred in zip(texts, predictions):
+        decision = "no target" if pred.no_target else f"queries {pred.selected}, {int(pred.mask.sum())} pixels"
+        print(f"{text!r}: {decision} (max score {pred.scores.max():.3f}, threshold {pred.score_threshold})")
+    print(f"wrote {len(files)} files to {out}")

@@ -3,49 +3,25 @@
 score_q = softmax(refer_logits_q)[0]; the mask is the OR over queries with score_q > threshold
 (strictly) of sigmoid(x4-upsampled mask logits) >= mask_threshold; "no target" means no query
 passes. The existence probability is reported but, as in the official code, not used.
+
+Imports torch but neither the model nor the kernels: the server's postprocess model runs it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from deris.modeling.deris import upsample_masks
-
-
-@dataclass
-class Prediction:
-    """One image-expression pair's result."""
-
-    mask: np.ndarray  # bool [H0, W0]: the referred region at the original image size
-    scores: np.ndarray  # float32 [N]: per-query referring score softmax(refer)[0]
-    selected: list[int]  # queries whose score is above the threshold
-    no_target: bool  # no query passed the threshold
-    existence_prob: float  # sigmoid(existence logit); reported, not used for the decision
-    score_threshold: float
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "no_target": self.no_target,
-            "selected_queries": self.selected,
-            "scores": [round(float(s), 6) for s in self.scores],
-            "max_score": round(float(self.scores.max()), 6),
-            "score_threshold": self.score_threshold,
-            "existence_prob": round(self.existence_prob, 6),
-            "mask_pixels": int(self.mask.sum()),
-            "mask_size": list(self.mask.shape),
-        }
+from deris.prediction import Prediction, check_threshold
 
 
-def check_threshold(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be inside (0, 1), got {value}")
-    return value
+def upsample_masks(mask_logits: torch.Tensor) -> torch.Tensor:
+    """The official x4 upsampling of the final mask logits (bilinear, align_corners=True)."""
+    h, w = mask_logits.shape[-2:]
+    return F.interpolate(mask_logits, size=(4 * h, 4 * w), mode="bilinear", align_corners=True)
+
 
 
 def decide(

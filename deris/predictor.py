@@ -11,7 +11,8 @@ import torch
 
 import deris
 from deris.modeling.deris import DeRIS
-from deris.postprocess import Prediction, check_threshold, postprocess
+from deris.postprocess import postprocess
+from deris.prediction import Prediction, check_threshold
 from deris.preprocess import PreparedImage, preprocess_image
 from deris.text import TextEncoder
 

@@ -1,94 +1,22 @@
-"""The exported graphs: small wrappers around the model's own submodules, and their I/O contract.
+"""The exported graphs: small wrappers around the model's own submodules.
 
-The cut follows ARCHITECTURE.md section 12.3 (E1 cognition, E2 perception, E3 decoder split per
-round, E4 existence folded into the last round):
-
-==========  ==============================================================  =====================================
-graph       inputs                                                          outputs
-==========  ==============================================================  =====================================
-cognition   img_mini [B,3,224,224], token_ids [B,L] i64, text_pad_mask      img_feat [B,C,14,14], text_feat [B,L,C]
-            [B,L] i64
-perception  img [B,3,R,R]                                                   ms0 [B,C,R/32,R/32], ms1 (R/16), ms2 (R/8),
-                                                                            mask_features [B,C,R/4,R/4]
-round_0     mask_features, img_feat, text_feat, text_pad_mask               query_out [B,N,C], fused [B,C,R/4,R/4],
-                                                                            mask_logits [B,N,R/4,R/4], refer_logits [B,N,2]
-round_r     query [B,N,C], prev_mask_logits, fused, level_feature (ms{r-1}),  query_out, mask_logits, refer_logits
-(r=1..3)    text_feat, text_pad_mask                                        (+ existence [B,1] for round_3)
-decoder     ms0, ms1, ms2, mask_features, img_feat, text_feat, text_pad_mask  mask_logits, refer_logits, existence
-==========  ==============================================================  =====================================
-
-B is dynamic ("batch", 1..64). The resolution R is fixed per export: every shape-derived value
-(Swin padding, sine tables, MSDA spatial shapes) is a Python int that constant-folds. The text
-length L is fixed to the preset's ``max_text_len``: a static L keeps TensorRT optimisation profiles
-to the batch axis alone, and the outputs at valid positions do not depend on how much padding
-follows (ARCHITECTURE.md section 2.3), so shorter texts are simply padded to L.
-``mask_logits`` are the low-resolution logits; the x4 upsampling is post-processing.
+Which graphs there are, their inputs, outputs and the edges between them are declared once in
+:mod:`deris.topology` (derived from the config and the resolution); this module only builds the
+module that computes each one. B is dynamic (1..``MAX_BATCH``). The resolution R is fixed per
+export: every shape-derived value (Swin padding, sine tables, MSDA spatial shapes) is a Python int
+that constant-folds. The text length L is fixed to the preset's ``max_text_len``: a static L keeps
+TensorRT optimisation profiles to the batch axis alone, and outputs at valid positions do not
+depend on how much padding follows (docs/model.md, "Padding"). ``mask_logits`` are the
+low-resolution logits; the x4 upsampling is post-processing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from deris.config import DerisConfig
 from deris.modeling.deris import DeRIS
-
-GRAPH_NAMES = ("cognition", "perception", "round_0", "round_1", "round_2", "round_3", "decoder")
-BATCH = "batch"
-MAX_BATCH = 64
-LEVEL_STRIDES = (32, 16, 8)  # ms0, ms1, ms2; round r > 0 attends to ms{r-1}
-
-Dim = int | str
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype  # float32 tensors become float16 in fp16 exports
-    shape: tuple[Dim, ...]
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-
-def graph_specs(cfg: DerisConfig, resolution: int) -> dict[str, GraphSpec]:
-    """The I/O contract of every graph for a preset's config at one resolution."""
-    f32, i64 = torch.float32, torch.int64
-    c, n, length, mini = cfg.hidden_dim, cfg.num_queries, cfg.max_text_len, cfg.mini_image_size
-    grid = mini // cfg.beit3.patch_size
-    r4 = resolution // 4
-
-    def t(name: str, *shape: int, dtype: torch.dtype = f32) -> TensorSpec:
-        return TensorSpec(name, dtype, (BATCH, *shape))
-
-    levels = [t(f"ms{i}", c, resolution // s, resolution // s) for i, s in enumerate(LEVEL_STRIDES)]
-    mask_features = t("mask_features", c, r4, r4)
-    img_feat, text_feat = t("img_feat", c, grid, grid), t("text_feat", length, c)
-    text_pad_mask = t("text_pad_mask", length, dtype=i64)
-    query_out, fused = t("query_out", n, c), t("fused", c, r4, r4)
-    mask_logits, refer_logits, existence = t("mask_logits", n, r4, r4), t("refer_logits", n, 2), t("existence", 1)
-
-    specs = [
-        GraphSpec("cognition", (t("img_mini", 3, mini, mini), t("token_ids", length, dtype=i64), text_pad_mask), (img_feat, text_feat)),
-        GraphSpec("perception", (t("img", 3, resolution, resolution),), (*levels, mask_features)),
-        GraphSpec("round_0", (mask_features, img_feat, text_feat, text_pad_mask), (query_out, fused, mask_logits, refer_logits)),
-    ]
-    for index in (1, 2, 3):
-        level = levels[index - 1]
-        inputs = (
-            t("query", n, c), t("prev_mask_logits", n, r4, r4), fused, TensorSpec("level_feature", f32, level.shape),
-            text_feat, text_pad_mask,
-        )
-        outputs = (query_out, mask_logits, refer_logits) + ((existence,) if index == 3 else ())
-        specs.append(GraphSpec(f"round_{index}", inputs, outputs))
-    specs.append(GraphSpec("decoder", (*levels, mask_features, img_feat, text_feat, text_pad_mask), (mask_logits, refer_logits, existence)))
-    return {spec.name: spec for spec in specs}
+from deris.topology import BATCH, GraphSpec
 
 
 class CognitionGraph(nn.Module):
@@ -136,7 +64,7 @@ class RoundZeroGraph(_WithInitialQueries):
 
 
 class RoundGraph(nn.Module):
-    """Round ``index`` (1..3): masked decoder layer index-1, heads, loopback; the last round also
+    """Round ``index`` (>= 1): masked decoder layer index-1, heads, loopback; the last round also
     runs the existence head on its output queries."""
 
     def __init__(self, model: DeRIS, index: int) -> None:
@@ -166,7 +94,7 @@ class RoundGraph(nn.Module):
 
 
 class DecoderGraph(_WithInitialQueries):
-    """All four rounds and the existence head in one graph."""
+    """Every round and the existence head in one graph."""
 
     def __init__(self, model: DeRIS) -> None:
         super().__init__(model)
@@ -182,6 +110,7 @@ class DecoderGraph(_WithInitialQueries):
         text_feat: torch.Tensor,
         text_pad_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        # One input per pyramid level (LEVEL_STRIDES), in the topology's order.
         query = self.batch_queries(mask_features.shape[0])
         query, mask_logits, refer_logits = self.decoder(
             [ms0, ms1, ms2], mask_features, img_feat, text_feat, text_pad_mask, query
@@ -190,22 +119,21 @@ class DecoderGraph(_WithInitialQueries):
         return mask_logits, refer_logits, existence
 
 
-def build_graph(name: str, model: DeRIS) -> nn.Module:
-    """The eval-mode wrapper module exported as graph ``name``."""
+def build_graph(spec: GraphSpec, model: DeRIS) -> nn.Module:
+    """The eval-mode wrapper module exported as graph ``spec``."""
     if model.query_sa != "per_sample":
         raise ValueError(f"only query_sa='per_sample' is exported (batch-invariant serving), the model uses {model.query_sa!r}")
-    if name == "cognition":
+    if spec.kind == "cognition":
         graph: nn.Module = CognitionGraph(model)
-    elif name == "perception":
+    elif spec.kind == "perception":
         graph = PerceptionGraph(model)
-    elif name == "round_0":
+    elif spec.kind == "round" and spec.round_index == 0:
         graph = RoundZeroGraph(model)
-    elif name in ("round_1", "round_2", "round_3"):
-        graph = RoundGraph(model, int(name[-1]))
-    elif name == "decoder":
-        graph = DecoderGraph(model)
+    elif spec.kind == "round":
+        assert spec.round_index is not None
+        graph = RoundGraph(model, spec.round_index)
     else:
-        raise ValueError(f"unknown graph {name!r}; accepted: {', '.join(GRAPH_NAMES)}")
+        graph = DecoderGraph(model)
     return graph.eval()
 
 
@@ -215,7 +143,7 @@ def example_inputs(spec: GraphSpec, batch: int, dtype: torch.dtype = torch.float
     tensors = []
     for tensor in spec.inputs:
         shape = tuple(batch if d == BATCH else int(d) for d in tensor.shape)
-        if tensor.dtype == torch.int64:
+        if tensor.dtype == "int64":
             high = 2 if tensor.name == "text_pad_mask" else vocab_size
             tensors.append(torch.randint(0, high, shape, generator=generator))
         else:

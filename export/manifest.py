@@ -33,7 +33,7 @@ from typing import Any
 
 import onnx
 
-from deris.export.graphs import GraphSpec
+from deris.topology import GraphSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ def describe_graph(path: Path, spec: GraphSpec, float_dtype: str) -> dict[str, A
         wanted = [
             {
                 "name": t.name,
-                "dtype": float_dtype if t.dtype.is_floating_point else str(t.dtype).removeprefix("torch."),
+                "dtype": float_dtype if t.dtype == "float" else t.dtype,
                 "shape": list(t.shape),
             }
             for t in expected

@@ -21,14 +21,13 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "fp16")
+from deris.export.options import PRECISIONS, check_choice
+
 FLOAT32_OPS = ("LayerNormalization", "Softmax", "InstanceNormalization", "GroupNormalization")
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
-    return precision
+    return check_choice("precision", precision, PRECISIONS)
 
 
 def float_dtype(precision: str) -> torch.dtype:

@@ -1,17 +1,20 @@
 """Running an ONNX export directory in ONNX Runtime (CPU): one graph, or the whole model chained
-as a server chains it (cognition and perception, then the fused decoder or the four rounds)."""
+as a server chains it (the topology recorded in the manifest: the encoders, then the rounds or the
+fused decoder)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 import onnxruntime
+from numpy.typing import NDArray
 
 from deris.export.manifest import read_manifest
 from deris.export.msda import plugin_session_options
+from deris.topology import GraphSpec, Topology, run_chain
 
 
 def ort_session(path: Path, custom_ops: Sequence[str] = (), threads: int | None = None) -> onnxruntime.InferenceSession:
@@ -29,6 +32,7 @@ class OnnxPipeline:
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         self.directory = Path(directory)
         self.manifest: dict[str, Any] = read_manifest(self.directory)
+        self.topology = Topology.from_json(self.manifest["topology"])
         self.threads = threads
         self._sessions: dict[str, onnxruntime.InferenceSession] = {}
 
@@ -50,16 +54,12 @@ class OnnxPipeline:
         outputs = self.session(graph).run(None, inputs)
         return {tensor["name"]: value for tensor, value in zip(entry["outputs"], outputs)}
 
-    def __call__(self, inputs: dict[str, NDArray[Any]], per_round: bool = False) -> dict[str, NDArray[Any]]:
-        """img, img_mini, token_ids, text_pad_mask -> final mask_logits (low-res), refer_logits,
-        existence; through the fused ``decoder`` graph, or with ``per_round`` through round_0..3."""
-        values = dict(inputs)
-        values.update(self.run("cognition", values))
-        values.update(self.run("perception", values))
-        if not per_round:
-            return self.run("decoder", values)
-        values.update(self.run("round_0", values))
-        for index in (1, 2, 3):
-            values.update(query=values["query_out"], prev_mask_logits=values["mask_logits"], level_feature=values[f"ms{index - 1}"])
-            values.update(self.run(f"round_{index}", values))
-        return {name: values[name] for name in ("mask_logits", "refer_logits", "existence")}
+    def __call__(self, inputs: dict[str, NDArray[Any]], layout: str = "fused") -> dict[str, NDArray[Any]]:
+        """img, img_mini, token_ids, text_pad_mask -> the final mask_logits (low-res), refer_logits
+        and existence, through the ``fused`` decoder graph or the ``rounds`` graphs."""
+
+        def run(spec: GraphSpec, feeds: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
+            return self.run(spec.name, feeds)
+
+        values = run_chain(self.topology.layout(layout), run, inputs)
+        return {name: values[value] for name, value in self.topology.final_values().items()}

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from deris.export.manifest import read_manifest, sha256_file, write_manifest
-from deris.export.onnx_export import ExportError, staged_directory
+from deris.atomic import staged_directory
+from deris.cli_support import ToolError
+from deris.export.options import ExportError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(ToolError):
     """``import tensorrt`` failed: TensorRT is not installed in this environment."""
 
 

@@ -34,12 +34,13 @@ import torch
 
 import deris.kernels as kernels
 from deris.config import DerisConfig
-from deris.export.graphs import GRAPH_NAMES, build_graph, graph_specs
+from deris.export.graphs import build_graph
 from deris.export.manifest import read_manifest
 from deris.export.runtime import ort_session
 from deris.modeling.deris import DeRIS
 from deris.preprocess import preprocess_image
 from deris.text import build_token_sequence
+from deris.topology import GraphSpec, pipeline_topology, run_chain
 
 TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (2e-2, 2e-3)}
 VERIFY_BATCHES = (1, 3)
@@ -99,30 +100,23 @@ def synthetic_inputs(cfg: DerisConfig, resolution: int, batch: int, seed: int = 
 Feeds = dict[str, torch.Tensor]
 
 
-def reference_run(model: DeRIS, inputs: Feeds, resolution: int, graphs: Sequence[str] = GRAPH_NAMES) -> dict[str, tuple[Feeds, Feeds]]:
-    """PyTorch float32 (inputs, outputs) of every graph, chained as a server chains them."""
-    specs = graph_specs(model.cfg, resolution)
-    rounds = ("round_0", "round_1", "round_2", "round_3")
-    needed = set(graphs)
-    # Every decoder graph needs both encoders; round r needs the rounds before it.
-    deepest = max((rounds.index(g) for g in graphs if g in rounds), default=-1)
-    needed.update(rounds[:deepest])
-    if needed & {*rounds, "decoder"}:
-        needed.update(("cognition", "perception"))
+def reference_run(
+    model: DeRIS, inputs: Feeds, resolution: int, graphs: Sequence[str] | None = None
+) -> dict[str, tuple[Feeds, Feeds]]:
+    """PyTorch float32 (inputs, outputs) of ``graphs`` (default: all), chained as a server chains
+    them: each graph is fed the values its topology inputs name."""
+    topology = pipeline_topology(model.cfg, resolution)
+    wanted = topology.graph_names if graphs is None else tuple(graphs)
     results: dict[str, tuple[Feeds, Feeds]] = {}
-    values = dict(inputs)
+
+    def run(spec: GraphSpec, feeds: Feeds) -> Feeds:
+        outputs = dict(zip((t.name for t in spec.outputs), build_graph(spec, model)(*feeds.values())))
+        if spec.name in wanted:
+            results[spec.name] = (feeds, outputs)
+        return outputs
+
     with kernels.backend("torch"), torch.inference_mode():
-        for name in (n for n in GRAPH_NAMES if n in needed):
-            spec = specs[name]
-            if name in rounds[1:]:
-                index = int(name[-1])
-                values.update(query=values["query_out"], prev_mask_logits=values["mask_logits"], level_feature=values[f"ms{index - 1}"])
-            feeds = {t.name: values[t.name] for t in spec.inputs}
-            outputs = dict(zip((t.name for t in spec.outputs), build_graph(name, model)(*feeds.values())))
-            if name in graphs:
-                results[name] = (feeds, outputs)
-            if name != "decoder":
-                values.update(outputs)
+        run_chain(topology.needed(wanted), run, inputs)
     return results
 
 

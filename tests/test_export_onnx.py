@@ -21,18 +21,20 @@ import torch
 
 import deris
 from deris.export import cli, onnx_export
-from deris.export.graphs import GRAPH_NAMES, build_graph, example_inputs, graph_specs
+from deris.export.graphs import build_graph, example_inputs
 from deris.export.manifest import sha256_file
 from deris.export.msda import PLUGIN_ATTRIBUTES, PLUGIN_OP
 from deris.export.onnx_export import ExportOptions, export_onnx
 from deris.export.runtime import OnnxPipeline
 from deris.export.verify import format_table, synthetic_inputs, verify_export
 from deris.postprocess import decide
-from deris.synthetic import load_manifest, official_state_dict
+from deris.topology import pipeline_topology
 from golden import case_paths, golden_check, golden_dir
+from synthetic_weights import load_manifest, official_state_dict
 
 TINY = "deris-tiny"
 TINY_RESOLUTION = 128
+GRAPH_NAMES = pipeline_topology(deris.get_config(TINY), TINY_RESOLUTION).graph_names
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +63,10 @@ def assert_all_pass(checks, graphs) -> None:
 def test_wrappers_follow_the_contract(tiny_model):
     """Forward arguments are named like the graph inputs (dynamic_shapes relies on it) and the
     wrappers' outputs have the contract's shapes."""
-    specs = graph_specs(tiny_model.cfg, TINY_RESOLUTION)
-    assert tuple(specs) == GRAPH_NAMES
+    specs = pipeline_topology(tiny_model.cfg, TINY_RESOLUTION).graphs
+    assert tuple(specs) == ("cognition", "perception", "round_0", "round_1", "round_2", "round_3", "decoder")
     for name, spec in specs.items():
-        graph = build_graph(name, tiny_model)
+        graph = build_graph(spec, tiny_model)
         assert tuple(inspect.signature(graph.forward).parameters) == tuple(t.name for t in spec.inputs), name
         with torch.inference_mode():
             outputs = graph(*example_inputs(spec, 2, vocab_size=tiny_model.cfg.beit3.vocab_size))
@@ -82,14 +84,15 @@ def test_manifest(gridsample_export, tiny_model):
     assert manifest["deris_version"] == deris.__version__
     assert manifest["batch"] == {"name": "batch", "min": 1, "max": 64}
     assert list(manifest["graphs"]) == list(GRAPH_NAMES)
-    specs = graph_specs(cfg, TINY_RESOLUTION)
+    specs = pipeline_topology(cfg, TINY_RESOLUTION).graphs
+    assert manifest["topology"]["num_rounds"] == 4
     for name, entry in manifest["graphs"].items():
         assert entry["file"] == f"{name}.onnx"
         assert [f["name"] for f in entry["files"]] == [entry["file"]]  # small graphs: no external data
         for f in entry["files"]:
             assert sha256_file(gridsample_export / f["name"]) == f["sha256"]
         assert entry["custom_ops"] == []
-        expected_in = [[t.name, "int64" if t.dtype == torch.int64 else "float32", list(t.shape)] for t in specs[name].inputs]
+        expected_in = [[t.name, "int64" if t.dtype == "int64" else "float32", list(t.shape)] for t in specs[name].inputs]
         assert [[t["name"], t["dtype"], t["shape"]] for t in entry["inputs"]] == expected_in
         assert [t["name"] for t in entry["outputs"]] == [t.name for t in specs[name].outputs]
     assert manifest["graphs"]["perception"]["outputs"][0]["shape"] == ["batch", cfg.hidden_dim, TINY_RESOLUTION // 32, TINY_RESOLUTION // 32]
@@ -160,7 +163,7 @@ def test_round_chain_reproduces_decoder_and_model(gridsample_export, plugin_expo
     inputs = synthetic_inputs(tiny_model.cfg, TINY_RESOLUTION, batch=3, seed=7)
     feeds = {k: v.numpy() for k, v in inputs.items()}
     pipeline = OnnxPipeline(gridsample_export)
-    chained = pipeline(feeds, per_round=True)
+    chained = pipeline(feeds, layout="rounds")
     fused = pipeline(feeds)
     with torch.inference_mode():
         expected = tiny_model(inputs["img"], inputs["img_mini"], inputs["token_ids"], inputs["text_pad_mask"])
@@ -206,9 +209,9 @@ def test_cli_fp16_plugin_export(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--preset", "deris-huge"], "unknown preset 'deris-huge'"),
-        (["--preset", TINY, "--resolution", "100"], "positive multiple of 32"),
+        (["--preset", TINY, "--resolution", "100"], "deris-export onnx: error: resolution must be a positive multiple of 32"),
         (["--preset", TINY, "--resolution", "0"], "positive multiple of 32"),
+        (["--preset", TINY, "--graphs", "encoder"], "unknown graph name(s) ['encoder']; accepted: cognition, perception, round_0"),
     ],
 )
 def test_cli_rejects_bad_requests(tmp_path, capsys, args, message):
@@ -216,6 +219,18 @@ def test_cli_rejects_bad_requests(tmp_path, capsys, args, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_preset_names(tmp_path, capsys):
+    """Presets are accepted the same way as in every command: our names and the official ones, any case;
+    an unknown one is an argparse error (exit 2) that lists them."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["onnx", "--preset", "deris-huge", "--random-weights", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "unknown preset 'deris-huge'; accepted: deris-b-grefcoco" in capsys.readouterr().err
+    from deris.cli_support import preset_name
+
+    assert preset_name("DERIS-B-grefcoco") == preset_name("Deris-B-GRefCOCO") == "deris-b-grefcoco"
 
 
 def test_cli_rejects_existing_and_unwritable_output(tmp_path, capsys):
@@ -230,9 +245,6 @@ def test_cli_rejects_existing_and_unwritable_output(tmp_path, capsys):
     assert cli.main(["onnx", "--preset", TINY, "--random-weights", "--out", "/proc/deris-export-test"]) == 2
     assert "cannot write the output directory" in capsys.readouterr().err
     # argparse-level errors exit 2 as well.
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["onnx", "--preset", TINY, "--random-weights", "--graphs", "encoder", "--out", str(tmp_path / "x")])
-    assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
         cli.main(["onnx", "--preset", TINY, "--out", str(tmp_path / "x")])  # neither --checkpoint nor --random-weights
     assert exc.value.code == 2
@@ -259,7 +271,7 @@ def test_cli_trt_needs_tensorrt(tmp_path, capsys):
         pass
     else:
         pytest.skip("TensorRT is installed here")
-    assert cli.main(["trt", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "engines")]) == 2
+    assert cli.main(["trt", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert not (tmp_path / "engines").exists()
 
@@ -373,8 +385,8 @@ def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, tmp_path, m
     threshold = model.cfg.score_threshold
     for b in range(case["in_img"].shape[0]):
         feeds = golden_inputs(case, slice(b, b + 1))
-        for per_round in (False, True):
-            result = pipeline(feeds, per_round=per_round)
+        for layout in ("fused", "rounds"):
+            result = pipeline(feeds, layout=layout)
             _, _, mask = decide(torch.from_numpy(result["mask_logits"]), torch.from_numpy(result["refer_logits"]), threshold)
             assert_golden(checker, case, {
                 f"b1_s{b}_r3_mask_logits_lowres": result["mask_logits"],

@@ -14,7 +14,7 @@ import torch
 
 import deris
 from deris.postprocess import decide
-from deris.synthetic import checksum, load_manifest, official_state_dict
+from synthetic_weights import checksum, load_manifest, official_state_dict
 from golden import CONFIGS, case_paths, golden_check, golden_dir
 
 

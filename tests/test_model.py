@@ -109,7 +109,7 @@ def test_bad_configuration():
         deris.build_model("deris-xl")
     with pytest.raises(ValueError, match="query_sa must be one of"):
         deris.build_model("deris-tiny", query_sa="batch")
-    with pytest.raises(ValueError, match=r"score_threshold must be inside \(0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"score_threshold must be a number inside \(0, 1\), got 1.5"):
         deris.build_model("deris-tiny", score_threshold=1.5)
     with pytest.raises(ValueError, match="unknown config field"):
         deris.build_model("deris-tiny", num_querys=3)

@@ -67,7 +67,7 @@ def test_threshold_controls_selection(spm_path, image_path):
     assert len(low.selected) == model.cfg.num_queries and not high.selected and high.no_target
     assert not high.mask.any()
     for bad in (0.0, 1.0, -0.2, 3):
-        with pytest.raises(ValueError, match=r"score_threshold must be inside \(0, 1\)"):
+        with pytest.raises(ValueError, match=r"score_threshold must be a number inside \(0, 1\)"):
             Predictor(model, encoder, score_threshold=bad)
 
 
@@ -96,10 +96,10 @@ def test_predict_cli_writes_images_of_input_size(spm_path, image_path, tmp_path)
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ([], "--checkpoint is required"),
+        ([], "pass exactly one of --checkpoint FILE or --random-weights"),
         (["--random-weights", "--image", "MISSING.jpg"], "MISSING.jpg"),
         (["--random-weights", "--text", "?!."], "no tokens after cleaning"),
-        (["--random-weights", "--score-threshold", "1.5"], "score_threshold must be inside (0, 1)"),
+        (["--random-weights", "--score-threshold", "1.5"], "score_threshold must be a number inside (0, 1)"),
         (["--random-weights", "--image", "BROKEN"], "not in a recognized image format"),
     ],
 )
@@ -120,4 +120,4 @@ def test_predict_cli_bad_inputs(spm_path, image_path, tmp_path, extra, message):
 
 def test_unknown_preset_cli():
     result = run_cli("predict", "--preset", "deris-xxl", "--tokenizer", "x", "--image", "y", "--text", "z", "--out", "o")
-    assert result.returncode == 2 and "invalid choice: 'deris-xxl'" in result.stderr
+    assert result.returncode == 2 and "unknown preset 'deris-xxl'; accepted: deris-b-grefcoco" in result.stderr

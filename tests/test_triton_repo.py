@@ -18,7 +18,9 @@ import pytest
 pytest.register_assert_rewrite("tis")  # before the import below, so its asserts explain themselves
 from tis import MAX_BATCH_SIZE, TinyExport, check_ensemble, type_name  # noqa: E402
 
-from deris.export.triton_repo import RepoError, generate_triton_repo, graph_names, register  # noqa: E402
+from deris.atomic import OutputError  # noqa: E402
+from deris.export.cli import main as export_main  # noqa: E402
+from deris.triton_repo.repository import RepoError, generate_triton_repo, graph_names, read_export, register  # noqa: E402
 
 pytest_plugins = ["tis"]  # one set of session fixtures shared by every test_triton_* module
 
@@ -48,7 +50,7 @@ def test_repository_configs(tiny_export: TinyExport, tmp_path: Path, backend: st
         max_batch_size=MAX_BATCH_SIZE, instances=2,
     )
     configs = check_ensemble(repo)
-    graphs = graph_names(decoder)
+    graphs = graph_names(read_export(tiny_export.onnx_dir), decoder)
     assert set(configs) == {"deris", "preprocess", "postprocess", *graphs}
     manifest = json.loads((tiny_export.onnx_dir / "manifest.json").read_text())
     for name in graphs:
@@ -95,7 +97,7 @@ def test_existing_output_needs_force(tiny_export: TinyExport, tmp_path: Path) ->
     out = tmp_path / "repo"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(RepoError, match="already exists; pass --force"):
+    with pytest.raises(OutputError, match="already exists; pass --force"):
         generate_triton_repo(tiny_export.onnx_dir, out, "python", spm_path=tiny_export.spm)
     generate_triton_repo(tiny_export.onnx_dir, out, "python", spm_path=tiny_export.spm, force=True)
     assert not (out / "old.txt").exists() and (out / "deris" / "config.pbtxt").is_file()
@@ -156,6 +158,5 @@ def test_cli(tiny_export: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixt
     assert args.run(args) == 0
     assert "wrote" in capsys.readouterr().out
     check_ensemble(out)
-    args = parser.parse_args(argv)
-    assert args.run(args) == 2
-    assert "already exists; pass --force" in capsys.readouterr().err
+    assert export_main(argv) == 2
+    assert "deris-export triton-repo: error: output directory" in capsys.readouterr().err

@@ -30,9 +30,10 @@ from tritonclient.utils import InferenceServerException
 pytest.register_assert_rewrite("tis")  # before the import below, so its asserts explain themselves
 from tis import TinyExport, encode, free_port, png_claiming_size, small, synthetic_image  # noqa: E402
 
-from deris.client import ClientError, DerisClient, add_client  # noqa: E402
+from deris.cli import main as deris_main  # noqa: E402
+from deris.triton_repo.client import ClientError, DerisClient, register  # noqa: E402
 from deris.outputs import write_prediction_files  # noqa: E402
-from deris.postprocess import Prediction  # noqa: E402
+from deris.prediction import Prediction  # noqa: E402
 from deris.predictor import Predictor  # noqa: E402
 
 pytest_plugins = ["tis"]  # one set of session fixtures shared by every test_triton_* module
@@ -228,8 +229,8 @@ def test_same_size_items_in_one_request(triton_server: Any, local_predictor: Any
 
 def test_fused_decoder_repository(tiny_export: TinyExport, local_predictor: Any, tmp_path: Path) -> None:
     """`--decoder fused` serves the single decoder graph and gives the same answers."""
-    from deris.export.triton_repo import generate_triton_repo
-    from deris.serve import TritonServer
+    from deris.triton_repo.repository import generate_triton_repo
+    from deris.triton_repo.server import TritonServer
 
     repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "repo", "python", "fused", spm_path=tiny_export.spm)
     with open(tmp_path / "server.log", "w") as log, TritonServer(repo, http_port=free_port(), grpc_port=free_port(), log=log) as server:
@@ -246,7 +247,7 @@ def test_client_command_writes_predict_files(triton_server: Any, local_predictor
     import cv2
 
     parser = argparse.ArgumentParser(prog="deris")
-    add_client(parser.add_subparsers())
+    register(parser.add_subparsers())
     image = tmp_path / "chelsea.png"
     image.write_bytes(IMAGES["chelsea.png"])
     texts = list(TEXTS[:2])
@@ -276,23 +277,19 @@ def test_client_errors(triton_server: Any, tmp_path: Path, capsys: pytest.Captur
         with DerisClient(f"127.0.0.1:{free_port()}", protocol) as client:
             with pytest.raises(ClientError, match="cannot reach the Triton server at 127.0.0.1:.* is `deris serve` running there?"):
                 client.predict(IMAGES["synthetic.png"], "a cat")
-    parser = argparse.ArgumentParser(prog="deris")
-    add_client(parser.add_subparsers())
     image = tmp_path / "empty.png"
     image.write_bytes(b"")
-    args = parser.parse_args(["client", "--url", triton_server.http_url, "--image", str(image), "--text", "a cat", "--out", str(tmp_path / "o")])
-    assert args.run(args) == 1
-    assert "answered [400] in ensemble 'deris', image data is empty (0 bytes)" in capsys.readouterr().err
+    argv = ["client", "--url", triton_server.http_url, "--image", str(image), "--text", "a cat", "--out", str(tmp_path / "o")]
+    assert deris_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deris client: error: inference failed") and "answered [400] in ensemble 'deris', image data is empty (0 bytes)" in err
     assert not (tmp_path / "o").exists()
 
 
 SERVE_SCRIPT = """
-import argparse, sys
-from deris.serve import add_serve
-parser = argparse.ArgumentParser(prog="deris")
-add_serve(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.run(args))
+import sys
+from deris.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -331,8 +328,8 @@ def test_serve_command_refuses_a_non_repository(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("tritonserver") is not None, reason="a full tritonserver is on PATH")
 def test_bundled_server_refuses_onnxruntime_models(tiny_export: TinyExport, tmp_path: Path) -> None:
-    from deris.export.triton_repo import generate_triton_repo
-    from deris.serve import ServerError, TritonServer
+    from deris.triton_repo.repository import generate_triton_repo
+    from deris.triton_repo.server import ServerError, TritonServer
 
     repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "repo", "onnxruntime", spm_path=tiny_export.spm)
     with pytest.raises(ServerError, match="has onnxruntime_onnx models, .* bundled in nvidia-pytriton has only the python backend"):

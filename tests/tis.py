@@ -68,7 +68,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
 
 @pytest.fixture(scope="session")
 def python_repo(tiny_export: TinyExport, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from deris.export.triton_repo import generate_triton_repo
+    from deris.triton_repo.repository import generate_triton_repo
 
     return generate_triton_repo(
         tiny_export.onnx_dir,
@@ -83,7 +83,7 @@ def python_repo(tiny_export: TinyExport, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="session")
 def triton_server(python_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from deris.serve import TritonServer
+    from deris.triton_repo.server import TritonServer
 
     log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
     with open(log_path, "w") as log:

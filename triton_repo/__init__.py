@@ -1,11 +1,14 @@
-"""Python-backend model code for the Triton Inference Server repository of DeRIS.
+"""Everything Triton Inference Server for DeRIS (installed as ``deris.triton_repo``).
 
-``deris-export triton-repo`` (``deris.export.triton_repo``) copies these files into a generated
-repository as ``<model>/1/model.py``; they are not imported from here. Each folder holds one model:
-
-* ``preprocess/model.py``: encoded image bytes + expression -> model inputs (``deris.preprocess``, ``deris.text``).
-* ``postprocess/model.py``: final decoder outputs -> mask, scores, decision (``deris.postprocess``).
-* ``onnx_runner/model.py``: runs one ONNX graph with ONNX Runtime on the CPU (``--backend python``).
+* :mod:`~deris.triton_repo.repository`: ``deris-export triton-repo``, the model-repository generator
+  (every ``config.pbtxt`` built from Triton's own ``model_config_pb2`` messages);
+* :mod:`~deris.triton_repo.server`: ``deris serve``, the ``tritonserver`` launcher;
+* :mod:`~deris.triton_repo.client`: ``deris client``, the client of the ``deris`` ensemble (torch-free);
+* ``models/<name>/model.py``: the python-backend models the generator copies into a repository as
+  ``<model>/1/model.py``: ``preprocess`` (image bytes + expression -> model inputs; torch-free),
+  ``postprocess`` (decoder outputs -> mask, scores, decision; no model, no kernels) and
+  ``onnx_runner`` (one ONNX graph in ONNX Runtime, for ``--backend python``). They are not
+  imported from here.
 """
 
 from __future__ import annotations
@@ -19,4 +22,4 @@ def model_source(name: str) -> Path:
     """Path of the ``model.py`` of one of :data:`MODEL_SOURCES`."""
     if name not in MODEL_SOURCES:
         raise ValueError(f"unknown python-backend model {name!r}; available: {', '.join(MODEL_SOURCES)}")
-    return Path(__file__).resolve().parent / name / "model.py"
+    return Path(__file__).resolve().parent / "models" / name / "model.py"

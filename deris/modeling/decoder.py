@@ -1,9 +1,9 @@
 """Query decoder: fusion, prediction heads, three masked-attention layers and four loopback rounds.
 
-Round 0 runs the heads and loopback 0 on the initial queries; round r (1..3) first runs masked
-decoder layer r-1 over pyramid level r-1 (1/32, 1/16, 1/8), with the attention mask derived from
-round r-1's masks, then the heads and loopback r. Each round is a method so that export wrappers
-can cut the decoder into one graph per round.
+Round 0 runs the heads and loopback 0 on the initial queries; round r (1..num_layers) first runs
+masked decoder layer r-1 over the pyramid level ``deris.topology.attended_level(r)`` (1/32, 1/16,
+1/8, ...), with the attention mask derived from round r-1's masks, then the heads and loopback r.
+Each round is a method so that export wrappers can cut the decoder into one graph per round.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from deris.config import DerisConfig
 from deris.modeling.common import MLP, Attention, degenerate_sine_position_1d, sine_position_2d
 from deris.modeling.loopback import LoopbackRound
+from deris.topology import LEVEL_STRIDES, attended_level, num_rounds
 
 
 class CrossAttentionLayer(nn.Module):
@@ -75,10 +76,10 @@ class LoopbackDecoder(nn.Module):
         self.layers = nn.ModuleList(MaskedAttentionLayer(dim, dcfg.num_heads, dcfg.ffn_dim) for _ in range(dcfg.num_layers))
         self.decoder_norm = nn.LayerNorm(dim)
         self.query_embed = nn.Embedding(cfg.num_queries, dim)
-        self.level_embed = nn.Embedding(3, dim)
+        self.level_embed = nn.Embedding(len(LEVEL_STRIDES), dim)
         self.mask_embed = MLP(dim, dim, dim, 3)
         self.loopback = nn.ModuleList(
-            LoopbackRound(dim, dcfg.num_heads, dcfg.text_attn_ffn_dim) for _ in range(dcfg.num_layers + 1)
+            LoopbackRound(dim, dcfg.num_heads, dcfg.text_attn_ffn_dim) for _ in range(num_rounds(cfg))
         )
         # Shared by all rounds: 2 classes, index 0 = "referred".
         self.refer_head = nn.Linear(dim, 2)
@@ -140,8 +141,8 @@ class LoopbackDecoder(nn.Module):
         if index > 0:
             if prev_mask_logits is None or level_feature is None:
                 raise ValueError(f"round {index} needs the previous round's mask logits and its pyramid level")
-            memory, memory_pos = self.level_memory(index - 1, level_feature)
-            blocked = self.attention_block(prev_mask_logits, tuple(level_feature.shape[-2:]))
+            memory, memory_pos = self.level_memory(attended_level(index), level_feature)
+            blocked = self.attention_block(prev_mask_logits, (int(level_feature.shape[-2]), int(level_feature.shape[-1])))
             query = self.layers[index - 1](query, query_pos, memory, memory_pos, blocked)
         if intermediates is not None:
             intermediates["decoder_output"] = query
@@ -170,10 +171,10 @@ class LoopbackDecoder(nn.Module):
         mask_logits: torch.Tensor | None = None
         for index in range(self.num_rounds):
             record: dict[str, torch.Tensor] | None = {} if rounds is not None else None
-            level = multi_scale[(index - 1) % len(multi_scale)] if index > 0 else None
-            if record is not None and index > 0:
-                assert mask_logits is not None and level is not None
-                record["attn_mask_used"] = self.masked_positions(mask_logits, tuple(level.shape[-2:]))
+            level = multi_scale[attended_level(index)] if index > 0 else None
+            if record is not None and level is not None:
+                assert mask_logits is not None
+                record["attn_mask_used"] = self.masked_positions(mask_logits, (int(level.shape[-2]), int(level.shape[-1])))
             query, mask_logits, refer_logits = self.run_round(
                 index, query, fused, text_feat, text_pad_mask, mask_logits, level, record
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deris.config import DerisConfig
@@ -12,6 +11,7 @@ from deris.modeling.decoder import LoopbackDecoder
 from deris.modeling.existence import ExistenceHead
 from deris.modeling.pixel_decoder import PixelDecoder
 from deris.modeling.swin import SwinTransformer
+from deris.postprocess import upsample_masks
 
 
 class PerceptionEncoder(nn.Module):
@@ -26,12 +26,6 @@ class PerceptionEncoder(nn.Module):
         if h % 32 or w % 32:
             raise ValueError(f"the perception branch takes images whose sides are multiples of 32, got {h}x{w}")
         return self.pixel_decoder(self.swin(img))
-
-
-def upsample_masks(mask_logits: torch.Tensor) -> torch.Tensor:
-    """The official x4 upsampling of the final mask logits (bilinear, align_corners=True)."""
-    h, w = mask_logits.shape[-2:]
-    return F.interpolate(mask_logits, size=(4 * h, 4 * w), mode="bilinear", align_corners=True)
 
 
 class DeRIS(nn.Module):

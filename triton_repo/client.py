@@ -1,7 +1,7 @@
 """``deris client``: query the ``deris`` ensemble of a Triton server and write ``deris predict``'s files.
 
 The raw image bytes and the expression go to the server as they are (preprocessing runs there);
-the answer is rebuilt into :class:`deris.postprocess.Prediction` objects, so the result files are
+the answer is rebuilt into :class:`deris.prediction.Prediction` objects, so the result files are
 written by the same code as ``deris predict`` (``deris.outputs.write_prediction_files``).
 
 >>> with DerisClient("127.0.0.1:8001", protocol="grpc") as client:
@@ -11,23 +11,22 @@ written by the same code as ``deris predict`` (``deris.outputs.write_prediction_
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from deris.postprocess import Prediction
+from deris.cli_support import EXIT_OK, ToolError, UsageError, add_command, add_force, add_quiet
+from deris.prediction import THRESHOLDS, Prediction, check_threshold
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 MODEL = "deris"
 OUTPUTS = ("MASK", "SCORES", "NO_TARGET", "EXISTENCE_PROB")
-THRESHOLDS = ("score_threshold", "mask_threshold")
 
 
-class ClientError(RuntimeError):
+class ClientError(ToolError):
     """The server could not be reached or answered with an error; the message says which."""
 
 
@@ -168,12 +167,13 @@ def _prediction(arrays: dict[str, np.ndarray], score_threshold: float) -> Predic
     )
 
 
-def add_client(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser(
-        "client",
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+    p = add_command(
+        sub, "client", run=run_client,
         help="segment with a running Triton server (`deris serve`) and write deris predict's files",
         description="Send an image and one or more expressions to the `deris` ensemble of a Triton server and "
-        "write, as `deris predict` does, a mask PNG and an overlay PNG per expression plus one JSON.",
+        "write, as `deris predict` does, a mask PNG and an overlay PNG per expression plus one JSON. Needs no torch.",
+        examples="  deris client --url 127.0.0.1:8000 --image kitchen.jpg --text 'the cup left of the kettle' --out out/",
     )
     p.add_argument("--url", help="server address host:port (default 127.0.0.1:8000, or 127.0.0.1:8001 with --grpc)")
     p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
@@ -183,32 +183,27 @@ def add_client(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--model", default=MODEL, help=f"ensemble name (default {MODEL})")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer (default 60)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.set_defaults(run=run_client)
+    add_force(p)
+    add_quiet(p)
 
 
 def run_client(args: argparse.Namespace) -> int:
     import cv2
 
-    from deris.outputs import write_prediction_files
-    from deris.preprocess import ImageError, load_image
+    from deris.outputs import print_predictions, write_prediction_files
+    from deris.preprocess import load_image
 
     protocol = "grpc" if args.grpc else "http"
     try:
         data = args.image.read_bytes()
     except OSError as exc:
-        print(f"error: cannot read image {args.image}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with DerisClient(args.url or DEFAULT_URLS[protocol], protocol, model=args.model, timeout=args.timeout) as client:
-            predictions = [client.predict(data, text, score_threshold=args.score_threshold) for text in args.text]
-        # The server accepted the image, so it decodes here too; the overlay needs the original pixels.
-        image_rgb = cv2.cvtColor(load_image(data), cv2.COLOR_BGR2RGB)
-    except (ClientError, ValueError, ImageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    files = write_prediction_files(args.out, args.image.name, image_rgb, args.text, predictions)
-    for text, pred in zip(args.text, predictions):
-        decision = "no target" if pred.no_target else f"queries {pred.selected}, {int(pred.mask.sum())} pixels"
-        print(f"{text!r}: {decision} (max score {pred.scores.max():.3f}, threshold {pred.score_threshold})")
-    print(f"wrote {len(files)} files to {args.out}")
-    return 0
+        raise UsageError(f"cannot read image {args.image}: {exc}") from exc
+    if args.score_threshold is not None:
+        check_threshold("score_threshold", args.score_threshold)
+    with DerisClient(args.url or DEFAULT_URLS[protocol], protocol, model=args.model, timeout=args.timeout) as client:
+        predictions = [client.predict(data, text, score_threshold=args.score_threshold) for text in args.text]
+    # The server accepted the image, so it decodes here too; the overlay needs the original pixels.
+    image_rgb = cv2.cvtColor(load_image(data), cv2.COLOR_BGR2RGB)
+    files = write_prediction_files(args.out, args.image.name, image_rgb, args.text, predictions, force=args.force)
+    print_predictions(args.text, predictions, files, args.out)
+    return EXIT_OK

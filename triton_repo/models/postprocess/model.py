@@ -12,7 +12,6 @@ numbers, inside (0, 1)) override the defaults from the config parameters of the 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from deris.postprocess import postprocess
-
-THRESHOLDS = ("score_threshold", "mask_threshold")
+from deris.prediction import THRESHOLDS, check_threshold
 
 
 class RequestError(ValueError):
@@ -30,12 +28,9 @@ class RequestError(ValueError):
 
 def _threshold(name: str, value: object) -> float:
     try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not 0.0 < number < 1.0:
-        raise RequestError(f"request parameter {name} must be a number inside (0, 1), got {value!r}")
-    return number
+        return check_threshold(f"request parameter {name}", value)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
 
 
 class TritonPythonModel:

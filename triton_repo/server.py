@@ -33,6 +33,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Callable, Sequence
 
+from deris.cli_support import ToolError, add_command, add_quiet
+
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HOST = "127.0.0.1"
@@ -41,7 +43,7 @@ EXIT_TIMEOUT_S = 5
 _OTHER_BACKENDS = re.compile(r'^platform:\s*"(tensorrt_plan|onnxruntime_onnx)"', re.MULTILINE)
 
 
-class ServerError(RuntimeError):
+class ServerError(ToolError):
     """The server could not be found, started, or did not become ready; the message says why."""
 
 
@@ -250,13 +252,16 @@ class TritonServer:
         self.stop()
 
 
-def add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser(
-        "serve",
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+    p = add_command(
+        sub, "serve", run=run_serve,
         help="serve a Triton model repository (from `deris-export triton-repo`)",
         description="Run tritonserver on a repository made by `deris-export triton-repo`: the tritonserver on "
         "PATH if there is one, else the one bundled in nvidia-pytriton (python-backend repositories only). "
-        "Waits until every model is loaded, then runs until Ctrl-C or SIGTERM and exits with the server's code.",
+        "Waits until every model is loaded, then runs until Ctrl-C or SIGTERM and exits with the server's code. "
+        "On SIGTERM the server stops taking new requests, finishes the ones in flight and exits "
+        "(docs/deployment.md, \"Stopping the server\").",
+        examples="  deris serve --repo repo/ --http-port 8000 --grpc-port 8001",
     )
     p.add_argument("--repo", type=Path, required=True, help="model repository directory")
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"HTTP port (default {DEFAULT_HTTP_PORT})")
@@ -265,17 +270,13 @@ def add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load (default 300)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, e.g. --server-arg=--backend-config=tensorrt,plugins=/p.so (repeatable)")
-    p.set_defaults(run=run_serve)
+    add_quiet(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    try:
-        server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host,
-                              extra_args=args.server_arg)
-        server.start()
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    extra = list(args.server_arg) + (["--log-info=false"] if args.quiet else [])
+    server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host, extra_args=extra)
+    server.start()
 
     interrupted = False
 
@@ -288,11 +289,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         try:
             seconds = server.wait_ready(args.ready_timeout)
-        except ServerError as exc:
+        except ServerError:
             if interrupted:  # stopped on request while the models were loading
                 return server.wait()
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            raise
         print(f"deris serve: ready in {seconds:.1f} s; HTTP {server.http_url}, gRPC {server.grpc_url} "
               f"(Ctrl-C stops)", file=sys.stderr, flush=True)
         return server.wait()

@@ -33,26 +33,30 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from deris.atomic import OutputError, check_output_dir, staged_directory
+from deris.cli_support import EXIT_OK, add_command, add_force, add_onnx
 from deris.config import get_config
 from deris.export.manifest import MANIFEST_NAME, read_manifest
-from deris.export.onnx_export import ExportError, check_output_dir, staged_directory
+from deris.topology import LAYOUTS, PIPELINE_INPUTS, Topology
 from deris.triton_repo import model_source
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
-DECODERS = ("rounds", "fused")
+DECODERS = LAYOUTS
 ENSEMBLE = "deris"
 PREPROCESS = "preprocess"
 POSTPROCESS = "postprocess"
 TOKENIZER_FILE = "beit3.spm"
 VERSION = "1"
-NUM_ROUNDS = 4
 
 # Triton data types of the numpy dtype names the ONNX manifest uses.
 TRITON_TYPES = {
@@ -66,7 +70,7 @@ TRITON_TYPES = {
 }
 
 
-class RepoError(ValueError):
+class RepoError(OutputError):
     """The inputs of the generator are missing or inconsistent; the message says what and why."""
 
 
@@ -104,6 +108,7 @@ class Export:
     num_queries: int
     max_batch: int
     graphs: dict[str, Graph]
+    topology: Topology
 
 
 @dataclass(frozen=True)
@@ -115,13 +120,12 @@ class Step:
     outputs: dict[str, str]
 
 
-def graph_names(decoder: str) -> tuple[str, ...]:
+def graph_names(export: Export, decoder: str) -> tuple[str, ...]:
     """The ONNX graphs a repository with this decoder layout serves, in pipeline order."""
-    if decoder == "rounds":
-        return ("cognition", "perception", *(f"round_{i}" for i in range(NUM_ROUNDS)))
-    if decoder == "fused":
-        return ("cognition", "perception", "decoder")
-    raise RepoError(f"unknown decoder layout {decoder!r}; accepted: {', '.join(DECODERS)}")
+    try:
+        return tuple(g.name for g in export.topology.layout(decoder))
+    except ValueError as exc:
+        raise RepoError(str(exc)) from None
 
 
 def _tensor(graph: str, entry: dict[str, Any]) -> Tensor:
@@ -161,6 +165,7 @@ def read_export(onnx_dir: str | os.PathLike[str]) -> Export:
             num_queries=int(manifest["num_queries"]),
             max_batch=int(manifest["batch"]["max"]),
             graphs=graphs,
+            topology=Topology.from_json(manifest["topology"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, RepoError):
@@ -190,27 +195,17 @@ def read_engines(engines_dir: str | os.PathLike[str], export: Export, names: Seq
     return engines, max_batch
 
 
-# --- config.pbtxt text ---------------------------------------------------------------------------
+# --- config.pbtxt ------------------------------------------------------------------------------
+# Every config is a model_config_pb2.ModelConfig message written with text_format, so a field or
+# value outside Triton's schema fails here, at generation, not when the server loads the repository.
 
 
-def _quote(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid protobuf text-format string
+def _add_tensors(field: Any, tensors: Sequence[Tensor]) -> None:
+    for t in tensors:
+        field.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=list(t.dims))
 
 
-def _tensors_text(field: str, tensors: Sequence[Tensor]) -> str:
-    rows = [
-        f"  {{ name: {_quote(t.name)} data_type: {t.data_type} dims: [ {', '.join(map(str, t.dims))} ] }}"
-        for t in tensors
-    ]
-    return f"{field} [\n" + ",\n".join(rows) + "\n]\n"
-
-
-def _parameters_text(parameters: dict[str, str]) -> str:
-    rows = [f"  {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}" for k, v in parameters.items()]
-    return "parameters [\n" + ",\n".join(rows) + "\n]\n"
-
-
-def model_config_text(
+def model_config(
     name: str,
     *,
     kind: str,
@@ -221,104 +216,72 @@ def model_config_text(
     instance_kind: str = "KIND_CPU",
     dynamic_batching_delay_us: int | None = None,
     parameters: dict[str, str] | None = None,
-) -> str:
-    """``config.pbtxt`` of one non-ensemble model. ``kind`` is ``backend: "python"`` or a platform."""
-    key = "backend" if kind == "python" else "platform"
-    text = f"name: {_quote(name)}\n{key}: {_quote(kind)}\nmax_batch_size: {max_batch_size}\n"
-    text += _tensors_text("input", inputs) + _tensors_text("output", outputs)
+) -> pb.ModelConfig:
+    """The config of one non-ensemble model. ``kind`` is ``python`` (a backend) or a platform."""
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if kind == "python":
+        config.backend = kind
+    else:
+        config.platform = kind
+    _add_tensors(config.input, inputs)
+    _add_tensors(config.output, outputs)
     if dynamic_batching_delay_us is not None:
-        text += f"dynamic_batching {{ max_queue_delay_microseconds: {dynamic_batching_delay_us} }}\n"
-    text += f"instance_group [ {{ kind: {instance_kind} count: {instances} }} ]\n"
-    if parameters:
-        text += _parameters_text(parameters)
-    return text
+        config.dynamic_batching.max_queue_delay_microseconds = dynamic_batching_delay_us
+    config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(instance_kind), count=instances)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
+    return config
 
 
-def ensemble_config_text(
+def ensemble_config(
     name: str,
     max_batch_size: int,
     inputs: Sequence[Tensor],
     outputs: Sequence[Tensor],
     steps: Sequence[Step],
     parameters: dict[str, str],
-) -> str:
-    text = f'name: {_quote(name)}\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
-    text += _tensors_text("input", inputs) + _tensors_text("output", outputs)
-    blocks = []
+) -> pb.ModelConfig:
+    config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
+    _add_tensors(config.input, inputs)
+    _add_tensors(config.output, outputs)
     for step in steps:
-        maps = [
-            f"      {field} {{ key: {_quote(k)} value: {_quote(v)} }}"
-            for field, mapping in (("input_map", step.inputs), ("output_map", step.outputs))
-            for k, v in mapping.items()
-        ]
-        blocks.append(f"    {{\n      model_name: {_quote(step.model)}\n      model_version: -1\n" + "\n".join(maps) + "\n    }")
-    text += "ensemble_scheduling {\n  step [\n" + ",\n".join(blocks) + "\n  ]\n}\n"
+        entry = config.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+        entry.input_map.update(step.inputs)
+        entry.output_map.update(step.outputs)
     # Informational for clients (e.g. the default thresholds `deris client` reports); the
     # ensemble itself does not read them.
-    return text + _parameters_text(parameters)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def _write_config(repo: Path, config: pb.ModelConfig) -> None:
+    _write(repo / config.name / "config.pbtxt", text_format.MessageToString(config))
 
 
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def ensemble_steps(decoder: str) -> list[Step]:
-    """The ensemble's steps. Tensors that every round produces get a per-round ensemble name
-    (``query_1``, ``mask_logits_0`` ...): an ensemble is a DAG over uniquely named tensors."""
-    shared_text = {"text_feat": "text_feat", "text_pad_mask": "text_pad_mask"}
-    steps = [
-        Step(
-            PREPROCESS,
-            {"IMAGE": "IMAGE", "TEXT": "TEXT"},
-            {n: n for n in ("img", "img_mini", "token_ids", "text_pad_mask", "original_size")},
-        ),
-        Step(
-            "cognition",
-            {"img_mini": "img_mini", "token_ids": "token_ids", "text_pad_mask": "text_pad_mask"},
-            {"img_feat": "img_feat", "text_feat": "text_feat"},
-        ),
-        Step("perception", {"img": "img"}, {n: n for n in ("ms0", "ms1", "ms2", "mask_features")}),
-    ]
-    if decoder == "fused":
+def ensemble_steps(topology: Topology, decoder: str) -> list[Step]:
+    """The ensemble's steps, straight from the topology's edges: every graph maps its tensors to
+    the pipeline values they read and write (only values that a later step or the result reads).
+    Values are unique, which an ensemble needs: it is a DAG over uniquely named tensors."""
+    graphs = topology.layout(decoder)
+    consumed = topology.consumed_values(decoder)
+    steps = [Step(PREPROCESS, {"IMAGE": "IMAGE", "TEXT": "TEXT"}, {n: n for n in (*PIPELINE_INPUTS, "original_size")})]
+    for graph in graphs:
         steps.append(
             Step(
-                "decoder",
-                {n: n for n in ("ms0", "ms1", "ms2", "mask_features", "img_feat")} | shared_text,
-                {"mask_logits": "mask_logits", "refer_logits": "refer_logits", "existence": "existence"},
+                graph.name,
+                {t.name: t.value for t in graph.inputs},
+                {t.name: t.value for t in graph.outputs if t.value in consumed},
             )
         )
-        final = {"mask_logits": "mask_logits", "refer_logits": "refer_logits"}
-    else:
-        steps.append(
-            Step(
-                "round_0",
-                {"mask_features": "mask_features", "img_feat": "img_feat"} | shared_text,
-                {"query_out": "query_0", "fused": "fused", "mask_logits": "mask_logits_0"},
-            )
-        )
-        last = NUM_ROUNDS - 1
-        for r in range(1, NUM_ROUNDS):
-            outputs = {"query_out": f"query_{r}", "mask_logits": f"mask_logits_{r}"}
-            if r == last:  # only the last round's refer logits and existence are used
-                outputs = {"mask_logits": f"mask_logits_{r}", "refer_logits": f"refer_logits_{r}", "existence": "existence"}
-            steps.append(
-                Step(
-                    f"round_{r}",
-                    {
-                        "query": f"query_{r - 1}",
-                        "prev_mask_logits": f"mask_logits_{r - 1}",
-                        "fused": "fused",
-                        "level_feature": f"ms{r - 1}",
-                    }
-                    | shared_text,
-                    outputs,
-                )
-            )
-        final = {"mask_logits": f"mask_logits_{last}", "refer_logits": f"refer_logits_{last}"}
     steps.append(
         Step(
             POSTPROCESS,
-            final | {"existence": "existence", "original_size": "original_size"},
-            {n: n for n in ("MASK", "SCORES", "NO_TARGET", "EXISTENCE_PROB")},
+            topology.final_values() | {"original_size": "original_size"},
+            {n: n for n in RESULT_NAMES},
         )
     )
     return steps
@@ -412,16 +375,13 @@ def generate_triton_repo(
         _check_count("intra_op_threads", intra_op_threads, 1),
         _check_count("max_queue_delay_us", max_queue_delay_us, 0),
     )
-    names = graph_names(decoder)
     out = Path(out_dir)
-    try:
-        check_output_dir(out, force)
-    except ExportError as exc:
-        raise RepoError(str(exc)) from exc
+    check_output_dir(out, force)
     if (backend == "tensorrt") != (engines_dir is not None):
         raise RepoError("an engines directory (--engines) is required with the tensorrt backend and only used there")
     export = read_export(onnx_dir)
-    steps = ensemble_steps(decoder)
+    names = graph_names(export, decoder)
+    steps = ensemble_steps(export.topology, decoder)
     _check_graphs(export, names, steps)
     if export.max_batch < max_batch_size:
         raise RepoError(f"max_batch_size {max_batch_size} is above the export's batch limit {export.max_batch}")
@@ -446,20 +406,20 @@ def generate_triton_repo(
     except TokenizerError as exc:
         raise RepoError(str(exc)) from exc
 
-    try:
-        with staged_directory(out, force) as staging:  # complete or absent, as the ONNX export
-            _write_preprocess(staging, export, spm, settings)
-            for name in names:
-                _write_graph(staging, export.graphs[name], settings, plans.get(name))
-            _write_postprocess(staging, export, export.graphs[names[-1]], settings)
-            _write_ensemble(staging, export, steps, decoder, settings)
-    except ExportError as exc:
-        raise RepoError(str(exc)) from exc
+    with staged_directory(out, force) as staging:  # complete or absent, as the ONNX export
+        _write_preprocess(staging, export, spm, settings)
+        for name in names:
+            _write_graph(staging, export.graphs[name], settings, plans.get(name))
+        _write_postprocess(staging, export, export.graphs[names[-1]], settings)
+        _write_ensemble(staging, export, steps, decoder, settings)
     return out
 
 
 STRING = "TYPE_STRING"
 ENSEMBLE_INPUTS = (Tensor("IMAGE", STRING, (1,)), Tensor("TEXT", STRING, (1,)))
+
+
+RESULT_NAMES = ("MASK", "SCORES", "NO_TARGET", "EXISTENCE_PROB")
 
 
 def _results(num_queries: int) -> tuple[Tensor, ...]:
@@ -498,11 +458,10 @@ def _write_preprocess(repo: Path, export: Export, spm: Path, settings: Settings)
         "max_image_pixels": str(MAX_IMAGE_PIXELS),
         "image_dtype": {v: k for k, v in TRITON_TYPES.items()}[img.data_type],
     }
-    text = model_config_text(
+    _write_config(repo, model_config(
         PREPROCESS, kind="python", max_batch_size=settings.max_batch_size, inputs=ENSEMBLE_INPUTS,
         outputs=outputs, instances=settings.instances, parameters=parameters,
-    )
-    _write(repo / PREPROCESS / "config.pbtxt", text)
+    ))
     (repo / PREPROCESS / VERSION).mkdir()
     shutil.copyfile(model_source("preprocess"), repo / PREPROCESS / VERSION / "model.py")
     shutil.copyfile(spm, repo / PREPROCESS / VERSION / TOKENIZER_FILE)
@@ -530,12 +489,11 @@ def _write_graph(repo: Path, graph: Graph, settings: Settings, plan: tuple[Path,
             kind = "python"
             parameters = {"onnx_file": "model.onnx", "intra_op_threads": str(settings.intra_op_threads)}
             shutil.copyfile(model_source("onnx_runner"), version / "model.py")
-    text = model_config_text(
+    _write_config(repo, model_config(
         graph.name, kind=kind, max_batch_size=settings.max_batch_size, inputs=graph.inputs,
         outputs=graph.outputs, instances=settings.instances, instance_kind=instance_kind,
         dynamic_batching_delay_us=settings.max_queue_delay_us, parameters=parameters,
-    )
-    _write(repo / graph.name / "config.pbtxt", text)
+    ))
 
 
 def _write_postprocess(repo: Path, export: Export, last: Graph, settings: Settings) -> None:
@@ -546,39 +504,38 @@ def _write_postprocess(repo: Path, export: Export, last: Graph, settings: Settin
     ]
     inputs.append(Tensor("original_size", "TYPE_INT64", (-1, 2)))
     outputs = [Tensor(t.name, t.data_type, (-1, *t.dims)) for t in _results(export.num_queries)]
-    text = model_config_text(
+    _write_config(repo, model_config(
         POSTPROCESS, kind="python", max_batch_size=0, inputs=inputs, outputs=outputs,
         instances=settings.instances, parameters=_thresholds(export.preset),
-    )
-    _write(repo / POSTPROCESS / "config.pbtxt", text)
+    ))
     (repo / POSTPROCESS / VERSION).mkdir()
     shutil.copyfile(model_source("postprocess"), repo / POSTPROCESS / VERSION / "model.py")
 
 
 def _write_ensemble(repo: Path, export: Export, steps: Sequence[Step], decoder: str, settings: Settings) -> None:
     info = {"preset": export.preset, "backend": settings.backend, "decoder": decoder} | _thresholds(export.preset)
-    text = ensemble_config_text(
+    _write_config(repo, ensemble_config(
         ENSEMBLE, settings.max_batch_size, ENSEMBLE_INPUTS, _results(export.num_queries), steps, info
-    )
-    _write(repo / ENSEMBLE / "config.pbtxt", text)
+    ))
     (repo / ENSEMBLE / VERSION).mkdir()  # Triton wants a version folder, even an empty one
 
 
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
     """Add the ``triton-repo`` subcommand to ``deris-export``."""
-    p = subparsers.add_parser(
-        "triton-repo",
+    p = add_command(
+        subparsers, "triton-repo", run=run_triton_repo,
         help="generate a Triton Inference Server model repository from an ONNX export",
         description="Write a Triton model repository serving the `deris` ensemble (image bytes + text in; "
         "mask, scores and decision out) for an export of `deris-export onnx`. Backends: tensorrt (GPU, "
         "needs --engines), onnxruntime (CPU, needs a tritonserver with the ONNX Runtime backend), python "
         "(CPU, ONNX Runtime inside python-backend models; works with the server bundled in nvidia-pytriton).",
+        examples="  deris-export triton-repo --onnx exports/b-384 --backend python --tokenizer beit3.spm --out repo/",
     )
-    p.add_argument("--onnx", type=Path, required=True, help="ONNX export directory (with manifest.json)")
-    p.add_argument("--engines", type=Path, help="engines directory of `deris-export trt` (--backend tensorrt)")
+    add_onnx(p, required=True)
+    p.add_argument("--engines", type=Path, metavar="DIR", help="engines directory of `deris-export trt` (--backend tensorrt)")
     p.add_argument("--backend", required=True, choices=BACKENDS, help="how the graph models run")
     p.add_argument("--decoder", default="rounds", choices=DECODERS,
                    help="rounds: one model per loopback round (default); fused: the single decoder graph")
@@ -589,22 +546,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per instance (default 1)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long the dynamic batcher may wait to fill a batch, in microseconds (default 0)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.set_defaults(run=run_triton_repo)
+    add_force(p)
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        repo = generate_triton_repo(
-            args.onnx, args.out, args.backend, args.decoder, engines_dir=args.engines, spm_path=args.tokenizer,
-            max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.threads,
-            max_queue_delay_us=args.max_queue_delay_us, force=args.force,
-        )
-    except RepoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    repo = generate_triton_repo(
+        args.onnx, args.out, args.backend, args.decoder, engines_dir=args.engines, spm_path=args.tokenizer,
+        max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.threads,
+        max_queue_delay_us=args.max_queue_delay_us, force=args.force,
+    )
     models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     print(f"wrote {repo}: {len(models)} models ({', '.join(models)}); serve it with `deris serve --repo {repo}`")
-    return 0
+    return EXIT_OK

@@ -1,0 +1,106 @@
+"""One convention for every command of ``deris`` and ``deris-export``.
+
+* Exit codes (listed in every ``--help``): 0 ok; 1 a verification or parity check failed; 2 bad
+  input or usage; 130 interrupted.
+* Errors are one line on stderr: ``<prog> <command>: error: <message>`` (argparse's own usage
+  errors have the same form and code 2).
+* The same flag for the same thing: ``--preset`` (a preset name, or an official config name such
+  as ``DERIS-B-grefcoco``, in any case), ``--checkpoint``, ``--tokenizer``, ``--onnx`` (an ONNX
+  export directory), ``--engines``, ``--out``, ``--force`` (replace an existing output),
+  ``--quiet`` (no progress display).
+
+Torch-free: ``--help`` and argument errors never wait for torch to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = """exit codes:
+  0    success
+  1    a verification or parity check failed (the table above the message says which)
+  2    bad input or usage (the message says what was wrong and what is accepted)
+  130  interrupted (Ctrl-C); no partial output is left behind"""
+
+Run = Callable[[argparse.Namespace], int]
+
+
+class UsageError(ValueError):
+    """Bad input or usage: exit code 2."""
+
+
+class CheckFailed(RuntimeError):
+    """A verification or parity check failed: exit code 1."""
+
+
+class ToolError(RuntimeError):
+    """A tool or service the command needs is missing or failed (TensorRT, a tritonserver, a server
+    to talk to): exit code 2, with a message that says what to install or start."""
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str,  # type: ignore[type-arg]  # argparse's private generic
+                run: Run, examples: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` ends with examples and the exit codes."""
+    epilog = (f"examples:\n{examples.rstrip()}\n\n" if examples else "") + EXIT_CODES
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def preset_name(text: str) -> str:
+    """argparse type: a preset or official config name, in any letter case -> the preset name."""
+    from deris.config import OFFICIAL_NAMES, PRESETS
+
+    by_lower = {name.lower(): name for name in PRESETS} | {k.lower(): v for k, v in OFFICIAL_NAMES.items()}
+    name = by_lower.get(text.strip().lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; accepted: {', '.join(PRESETS)} (or {', '.join(OFFICIAL_NAMES)})")
+    return name
+
+
+def add_preset(parser: argparse.ArgumentParser, *, required: bool = True, extra: str = "") -> None:
+    from deris.config import PRESETS
+
+    parser.add_argument("--preset", type=preset_name, required=required, metavar="NAME",
+                        help=f"model preset: {', '.join(PRESETS)}; official names (DERIS-B-grefcoco ...) work too{extra}")
+
+
+def add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="replace existing output")
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress display; only results and errors are printed")
+
+
+def add_onnx(parser: argparse.ArgumentParser, *, required: bool, help: str = "ONNX export directory (from `deris-export onnx`)") -> None:
+    parser.add_argument("--onnx", type=Path, required=required, metavar="DIR", help=help)
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, run the chosen command and map its outcome to the exit codes above."""
+    args = parser.parse_args(argv)
+    where = f"{prog} {args.command}"
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CheckFailed as exc:
+        print(f"{where}: check failed: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (ValueError, FileNotFoundError, ToolError) as exc:
+        # Every input error of the project is a ValueError subclass (ImageError, TextError,
+        # CheckpointError, ExportError, OutputError, ...), each with a message that says what to do.
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
