@@ -7,6 +7,12 @@ Parameters that are dead at inference (spec section 10, item 11) are accepted an
 they are listed in :data:`DEAD_AT_INFERENCE`. Swin's ``relative_position_index`` buffers are a
 pure function of the window size: they are checked against ours, not loaded.
 
+The official training loop (``tools/train.py`` -> ``deris/utils/checkpoint.py::save_checkpoint``)
+also stores the optimizer and scheduler state, ``lr``, ``epoch`` and that epoch's metrics (numpy
+scalars among them), sometimes ``amp`` or ``ema_state_dict``. Such files are unpickled with
+``weights_only=True`` plus an explicit allowlist of exactly the extra types they contain
+(:data:`OFFICIAL_SAFE_GLOBALS`); a file naming any other global is refused, never unpickled.
+
 This project's own format is the model's ``state_dict`` saved as safetensors (with the preset
 in the metadata) or as a torch file ``{"deris_format": 1, "preset": ..., "state_dict": ...}``.
 """
@@ -14,13 +20,17 @@ in the metadata) or as a torch file ``{"deris_format": 1, "preset": ..., "state_
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
+import numpy as np
 import torch
+from numpy.core.multiarray import scalar as numpy_scalar  # type: ignore[attr-defined]  # absent from numpy's stubs
 from torch import nn
 
 FORMAT_VERSION = 1
@@ -115,25 +125,71 @@ KEY_GROUPS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
+# What official training files pickle beyond torch's weights-only defaults (tensors, containers,
+# numbers, OrderedDict for apex's ``amp`` state, Counter): the metrics of the saved epoch that the
+# official evaluators return as numpy float64 scalars (gres_evaluate's cIoU is a sum of numpy ints
+# * 100.0 / ..., refzom_evaluate's mIoU/oIoU/macc come from np.mean). The official environment
+# (numpy 1.24) writes such a scalar as numpy.core.multiarray.scalar(numpy.dtype("f8", ...), bytes).
+OFFICIAL_SAFE_GLOBALS: tuple[Any, ...] = (
+    numpy_scalar,  # rebuilds the scalar from its dtype and raw bytes
+    np.dtype,  # called to rebuild that dtype
+    np.dtypes.Float64DType,  # the rebuilt dtype's class (numpy >= 1.25): its pickled state is set on it
+)
+OFFICIAL_CONTENTS = "tensors, optimizer/scheduler state, numbers, numpy scalars"
+
+# Entries of an official training file other than the weights, and why they are not loaded.
+NOT_LOADED_REASONS = {
+    "ema_state_dict": "EMA weights; the official test script reads them but loads state_dict",
+    "optimizer": "training state",
+    "scheduler": "training state",
+    "amp": "apex loss-scaler state, training only",
+    "meta": "run metadata",
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded strictly; the message names every offending key."""
 
 
 @dataclass
+class CheckpointInfo:
+    """What a checkpoint held besides the weights, and which entry the weights came from."""
+
+    weights: str | None = None  # the entry loaded ("state_dict"); None for a bare state dict
+    preset: str | None = None  # recorded by this project's format
+    epoch: int | None = None  # as the official loop stores it: 0-based
+    lr: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the saved epoch's evaluation results
+    not_loaded: dict[str, str] = field(default_factory=dict)  # entry -> why
+
+    def describe(self) -> list[str]:
+        lines = [f"weights loaded: {self.weights or 'a bare state dict'}"]
+        if self.epoch is not None:
+            # The official logs and epoch_N.pth file names count epochs from 1.
+            lines.append(f"saved after epoch {self.epoch + 1}" + (f", lr {self.lr:g}" if self.lr is not None else ""))
+        if self.metrics:
+            lines.append("metrics: " + ", ".join(f"{k} {v:.2f}" for k, v in self.metrics.items()))
+        lines.extend(f"not loaded: {k} ({why})" for k, why in self.not_loaded.items())
+        return lines
+
+
+@dataclass
 class ConversionReport:
-    """What the converter did with an official state dict."""
+    """What the converter did with an official state dict, and what the file held besides it."""
 
     mapped: dict[str, str] = field(default_factory=dict)  # official -> ours
     dropped: dict[str, str] = field(default_factory=dict)  # official -> reason
     derived_checked: list[str] = field(default_factory=list)
     derived_mismatched: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    source: CheckpointInfo = field(default_factory=CheckpointInfo)
 
     def summary(self) -> str:
-        return (
+        counts = (
             f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dead-at-inference tensors dropped, "
             f"{len(self.derived_checked)} derived index buffers checked"
         )
+        return "\n  ".join([counts, *self.source.describe()])
 
 
 def dead_reason(key: str) -> str | None:
@@ -207,7 +263,8 @@ def check_state_dict(
         for k in expected
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
-    shapes += [f"{k}: differs from the Swin index for this preset's window size" for k in (report.derived_mismatched if report else [])]
+    mismatched = report.derived_mismatched if report else []
+    shapes += [f"{k}: differs from the Swin index for this preset's window size" for k in mismatched]
     if not (missing or unexpected or shapes):
         return
     preset = getattr(getattr(model, "cfg", None), "name", "this model")
@@ -224,9 +281,90 @@ def check_state_dict(
     raise CheckpointError("\n".join(lines))
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a checkpoint file -> (state dict, metadata). Accepts safetensors, this project's torch
-    format, an official mmcv checkpoint (a dict with ``state_dict``) or a bare state dict."""
+def _as_number(value: object) -> float | None:
+    """A metric-like scalar (python or numpy number, one-element tensor) as a float, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    return None
+
+
+def unpack_checkpoint(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Split an unpickled checkpoint into (state dict, what else it held). ``origin`` names it in errors."""
+    info = CheckpointInfo()
+    state: object = obj
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        info.weights = "state_dict"
+        state = obj["state_dict"]
+        for key, value in obj.items():
+            number = _as_number(value)
+            if key in ("state_dict", "deris_format"):
+                continue
+            if key == "preset":
+                info.preset = str(value)
+            elif key == "epoch" and number is not None:
+                info.epoch = int(number)
+            elif key == "lr" and number is not None:
+                info.lr = number
+            elif key in NOT_LOADED_REASONS:
+                info.not_loaded[key] = NOT_LOADED_REASONS[key]
+            elif number is not None:
+                info.metrics[key] = number
+            else:
+                info.not_loaded[key] = "not used at inference"
+    elif isinstance(obj, Mapping) and "ema_state_dict" in obj:
+        raise CheckpointError(
+            f"{origin} holds ema_state_dict but no state_dict: official DeRIS tools load the weights from state_dict"
+        )
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{origin} does not hold a state dict of tensors")
+    return dict(state), info
+
+
+def _refused_names(path: Path, error: Exception) -> list[str]:
+    """What the weights-only unpickler (with the current allowlist) refuses in ``path``."""
+    try:
+        # A static scan of the pickle: names every disallowed global, executes nothing.
+        scanned = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip file (legacy torch format, or no checkpoint at all): nothing to scan
+        scanned = []
+    if scanned:
+        return sorted(scanned)
+    # Otherwise torch's refusal names one: a global, or the type of an object it will not build
+    # (e.g. a numpy int64 scalar, whose reconstructor is allowed but whose dtype class is not).
+    return [g or t for g, t in re.findall(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(error))]
+
+
+def _load_torch_file(path: Path) -> object:
+    # Add only what is not allowlisted already: leaving the context removes what it added, and
+    # must not remove a caller's own add_safe_globals entries.
+    extra = [g for g in OFFICIAL_SAFE_GLOBALS if g not in torch.serialization.get_safe_globals()]
+    with torch.serialization.safe_globals(extra):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            refused = _refused_names(path, exc) if isinstance(exc, pickle.UnpicklingError) else []
+            if refused:
+                one = len(refused) == 1
+                # Raised without torch's message, whose advice is to unpickle the file unrestricted.
+                raise CheckpointError(
+                    f"{path} holds {', '.join(refused)}, which {'is' if one else 'are'} not among the types official "
+                    f"DeRIS checkpoints contain ({OFFICIAL_CONTENTS}); refusing to unpickle {'it' if one else 'them'}, "
+                    f"since unpickling runs the code a file names. If you trust this file and its source, extract the "
+                    f"weights yourself (torch.save(checkpoint['state_dict'], 'weights.pth')) and load that file instead."
+                ) from None
+            raise CheckpointError(
+                f"cannot read {path} as a torch checkpoint (expected a .pth/.pt file holding a state dict, "
+                f"an official DeRIS checkpoint, or a .safetensors file): {exc}"
+            ) from exc
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read a checkpoint file -> (state dict, what else it held). Accepts safetensors, this project's
+    torch format, an official DeRIS training file (a dict with ``state_dict``) or a bare state dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -237,45 +375,33 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                meta = dict(f.metadata() or {})
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read {path} as a torch checkpoint (expected a .pth/.pt file holding a state dict, "
-            f"an official DeRIS checkpoint, or a .safetensors file): {exc}"
-        ) from exc
-    meta: dict[str, str] = {}
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        if "preset" in obj:
-            meta["preset"] = str(obj["preset"])
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return obj, meta
+        return state, CheckpointInfo(preset=meta.get("preset"))
+    return unpack_checkpoint(_load_torch_file(path), str(path))
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> ConversionReport | None:
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> ConversionReport | None:
     """Load an official DeRIS checkpoint or one in this project's format into ``model``, strictly.
 
-    Returns the conversion report for official checkpoints, None for this project's format.
+    ``checkpoint`` is a file or an already unpickled checkpoint (a state dict, or a dict holding one
+    under ``state_dict``). Returns the conversion report for official checkpoints, None for this
+    project's format.
     """
-    meta: dict[str, str] = {}
     if isinstance(checkpoint, Mapping):
-        state_dict = dict(checkpoint)
-        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-            state_dict = dict(state_dict["state_dict"])  # type: ignore[arg-type]
+        state_dict, info = unpack_checkpoint(checkpoint, "the checkpoint mapping")
     else:
-        state_dict, meta = read_checkpoint(checkpoint)
+        state_dict, info = read_checkpoint(checkpoint)
     state_dict = strip_module_prefix(state_dict)
     preset = getattr(getattr(model, "cfg", None), "name", None)
-    if meta.get("preset") and preset and meta["preset"] != preset:
-        raise CheckpointError(f"checkpoint was saved for preset {meta['preset']!r}, model is {preset!r}")
+    if info.preset and preset and info.preset != preset:
+        raise CheckpointError(f"checkpoint was saved for preset {info.preset!r}, model is {preset!r}")
     report = None
     if is_official(state_dict):
         state_dict, report = convert_official(state_dict, model)
+        report.source = info
         check_state_dict(state_dict, model, report)
     else:
         check_state_dict(state_dict, model)

@@ -1,17 +1,25 @@
-"""Strict checkpoint loading: clear errors that name every offending key; round trips; convert CLI."""
+"""Strict checkpoint loading: clear errors that name every offending key; round trips; convert CLI;
+files written the way the official DeRIS training loop writes them, unpickled weights-only."""
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from golden import golden_dir
+from synthetic_weights import load_manifest, official_state_dict
 
 import deris
-from deris.checkpoint import CheckpointError, official_to_ours
+from deris.checkpoint import OFFICIAL_SAFE_GLOBALS, CheckpointError, official_to_ours
 from deris.cli import main as cli_main
-from deris.synthetic import load_manifest, official_state_dict
-from golden import golden_dir
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +131,204 @@ def test_convert_cli_official_to_safetensors(tmp_path, capsys):
         ours = official_to_ours(key)
         if ours in reloaded and not key.endswith("relative_position_index"):
             assert torch.equal(reloaded[ours], value), key
+
+
+# ---- files as the official training loop writes them -------------------------------------------
+
+
+def official_keyed(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the official names (deris-tiny's keys are a subset of DeRIS-B's)."""
+    manifest = load_manifest(golden_dir() / "manifest_DERIS-B-refcoco.json")
+    official = {official_to_ours(e["key"]): e["key"] for e in manifest["state_dict"]}
+    return {official[k]: v.clone() for k, v in model.state_dict().items()}
+
+
+def epoch_metrics(dataset: str) -> dict[str, Any]:
+    """A saved epoch's metrics as tools/train.py collects them, with the types the official evaluators
+    return (deris/evaluations/*.py, deris/apis/test.py::accuracy)."""
+    rng = np.random.default_rng(0)
+    pred, gt = rng.random((2, 4, 8, 8)) > 0.5
+    inter = [np.sum(np.logical_and(p, g)) for p, g in zip(pred, gt)]  # numpy int64, as computeIoU gives
+    union = [np.sum(np.logical_or(p, g)) for p, g in zip(pred, gt)]
+    if dataset == "GRefCOCO":
+        ciou = sum(inter) * 100.0 / sum(union)  # gres_evaluate: numpy float64
+        assert type(ciou) is np.float64
+        return {"F1score": 3 / 4 * 100, "Nacc_rec": 50.0, "gIoU": 61.5, "cIoU": ciou,
+                "best_F1score": 70.0, "best_Nacc_rec": 0.0, "best_gIoU": 0.0, "best_cIoU": ciou}
+    if dataset == "RefZOM":
+        miou = np.mean(np.array([i * 1.0 / u for i, u in zip(inter, union)])) * 100.0  # refzom_evaluate
+        return {"mIoU": miou, "oIoU": sum(inter) * 100.0 / sum(union), "macc": np.mean(np.array([1, 0])) * 100.0,
+                "best_mIoU": miou, "best_oIoU": 0.0, "best_macc": 0.0}
+    # MixedSeg (the refcoco configs): DetACC stays a tensor, the mask metrics are python floats.
+    d_acc = (torch.tensor([0.7, 0.2]) >= 0.5).float().mean() * 100.0
+    return {"mIoU": 71.25, "oIoU": 70.5, "d_acc": d_acc, "best_d_acc": 0.0, "best_mIoU": 0.0, "best_oIoU": 0.0}
+
+
+def ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as DistributedDataParallel's state_dict() gives them."""
+    return {"module." + k: v for k, v in state.items()}
+
+
+def write_official_file(path: Path, model: torch.nn.Module, dataset: str = "GRefCOCO", **extra: Any) -> dict[str, torch.Tensor]:
+    """Train ``model`` one step and save it as tools/train.py -> save_checkpoint does; ``extra`` entries
+    (ema_state_dict, amp, ...) go in too. Returns the saved official-keyed weights."""
+    cognition = [p for n, p in model.named_parameters() if n.startswith("cognition.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("cognition.")]
+    optimizer = torch.optim.Adam(
+        [{"params": cognition, "lr": 5e-5}, {"params": rest, "lr": 1e-4}], lr=1e-4, betas=(0.9, 0.98), eps=1e-9,
+        weight_decay=0, amsgrad=True,
+    )
+    # The official MultiStepLRWarmUp is a LambdaLR over a closure like this one.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda epoch: 0.1 if epoch >= 15 else 1.0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()
+    scheduler.step()
+    weights = official_keyed(model)
+    checkpoint: dict[str, Any] = {"epoch": 11, **epoch_metrics(dataset), **extra}
+    checkpoint.update(
+        {
+            "state_dict": ddp(weights),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+    )
+    torch.save(checkpoint, path)
+    return weights
+
+
+def fresh_tiny(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return deris.build_model("deris-tiny")
+
+
+def assert_holds(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    ours = model.state_dict()
+    for key, value in weights.items():
+        assert torch.equal(ours[official_to_ours(key)], value), key
+
+
+@pytest.mark.parametrize("dataset", ["GRefCOCO", "RefZOM", "MixedSeg"])
+def test_official_training_file_loads_weights_only(tmp_path, dataset):
+    path = tmp_path / "latest.pth"
+    weights = write_official_file(path, fresh_tiny(1), dataset)
+    # The file really is one that plain weights-only loading refuses (numpy metrics), where there are any.
+    if dataset != "MixedSeg":
+        with pytest.raises(pickle.UnpicklingError, match="numpy"):
+            torch.load(path, weights_only=True)
+    model = fresh_tiny(2)
+    report = deris.load_checkpoint(model, path)
+    assert_holds(model, weights)
+    source = report.source
+    assert (source.weights, source.epoch, source.lr) == ("state_dict", 11, pytest.approx(5e-5))
+    expected = {k: float(v) for k, v in epoch_metrics(dataset).items()}
+    assert source.metrics == pytest.approx(expected)
+    assert source.not_loaded == {"optimizer": "training state", "scheduler": "training state"}
+    summary = report.summary()
+    assert "weights loaded: state_dict" in summary and "saved after epoch 12, lr 5e-05" in summary
+    name = next(iter(expected))
+    assert f"{name} {expected[name]:.2f}" in summary
+    # The allowlist was in force for this load only.
+    assert not set(OFFICIAL_SAFE_GLOBALS) & set(torch.serialization.get_safe_globals())
+
+
+def test_callers_own_safe_globals_survive_a_load(tmp_path):
+    path = tmp_path / "latest.pth"
+    write_official_file(path, fresh_tiny(1))
+    torch.serialization.add_safe_globals([np.dtype])
+    try:
+        deris.load_checkpoint(fresh_tiny(2), path)
+        assert np.dtype in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+
+
+def test_ema_file_loads_state_dict_as_the_official_test_script_does(tmp_path, capsys):
+    """tools/test.py -> deris/utils/checkpoint.py::load_checkpoint reads ema_state_dict but loads state_dict."""
+    path = tmp_path / "ema.pth"
+    ema = {k: v + 1.0 for k, v in official_keyed(fresh_tiny(3)).items()}
+    weights = write_official_file(path, fresh_tiny(1), ema_state_dict=ddp(ema))
+    out = tmp_path / "tiny.safetensors"
+    assert cli_main(["convert", "--preset", "deris-tiny", "--checkpoint", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "weights loaded: state_dict" in printed
+    assert "not loaded: ema_state_dict (EMA weights; the official test script reads them but loads state_dict)" in printed
+    assert_holds(deris.from_checkpoint("deris-tiny", out), weights)
+
+
+def test_ema_without_state_dict_is_refused(tmp_path):
+    path = tmp_path / "ema_only.pth"
+    torch.save({"epoch": 3, "ema_state_dict": ddp(official_keyed(fresh_tiny(1)))}, path)
+    with pytest.raises(CheckpointError, match="holds ema_state_dict but no state_dict"):
+        deris.load_checkpoint(fresh_tiny(2), path)
+
+
+def test_amp_entry_is_read_and_not_loaded(tmp_path):
+    path = tmp_path / "fp16.pth"
+    # What apex.amp.state_dict() returns: one entry per loss scaler.
+    amp = OrderedDict(loss_scaler0={"loss_scale": 65536.0, "unskipped": 17})
+    weights = write_official_file(path, fresh_tiny(1), amp=amp)
+    model = fresh_tiny(2)
+    report = deris.load_checkpoint(model, path)
+    assert_holds(model, weights)
+    assert report.source.not_loaded["amp"] == "apex loss-scaler state, training only"
+    assert "not loaded: amp (apex loss-scaler state, training only)" in report.summary()
+
+
+@dataclass
+class EvalRecord:
+    """A custom class someone pickled into a checkpoint."""
+
+    ciou: float
+
+
+class RunsShell:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class RunsPython:
+    """Unpickling this executes Python through a builtin that no module blocklist covers."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize(
+    "payload, global_name",
+    [
+        (RunsShell, f"{os.system.__module__}.system"),
+        (RunsPython, "builtins.exec"),
+        (lambda marker: EvalRecord(1.0), f"{EvalRecord.__module__}.EvalRecord"),
+        (lambda marker: np.random.RandomState(0), "numpy.random._pickle.__randomstate_ctor"),
+        # No official evaluator saves an int64 scalar: its dtype class is not allowlisted either.
+        (lambda marker: np.int64(3), "numpy.dtypes.Int64DType"),
+    ],
+)
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_disallowed_global_is_refused_by_name_and_never_run(tmp_path, payload, global_name, zipfile):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "evil.pth"
+    weights = ddp(official_keyed(fresh_tiny(1)))
+    torch.save({"epoch": 1, "state_dict": weights, "extra": payload(marker)}, path, _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(CheckpointError) as err:
+        deris.load_checkpoint(fresh_tiny(2), path)
+    msg = str(err.value)
+    if zipfile or global_name != "builtins.exec":  # legacy files: torch's refusal writes builtins unqualified
+        assert global_name in msg
+    assert msg.startswith(f"{path} holds ")
+    assert "not among the types official DeRIS checkpoints contain" in msg and "refusing to unpickle" in msg
+    assert "weights_only=False" not in msg
+    assert not marker.exists()
+    if payload in (RunsShell, RunsPython):  # the payload is live: unpickled unrestricted, it does run
+        pickle.loads(pickle.dumps(payload(marker)))
+        assert marker.exists()
