@@ -42,3 +42,19 @@ def golden_check() -> ModuleType:
 def case_paths(config: str) -> list[Path]:
     """Every golden case of a config present in shared/golden (case A ships; others may be added)."""
     return sorted(golden_dir().glob(f"golden_{config}_case*.npz"))
+
+
+def case_params() -> list[object]:
+    """Every golden case .npz, for ``pytest.mark.parametrize`` at collection time (where skipping
+    is not allowed). Without shared/golden this is one ``None`` parameter that :func:`require_case`
+    turns into a skip, or a failure under DERIS_REQUIRE_GOLDEN."""
+    shared = shared_dir()
+    paths = sorted((shared / "golden").glob("golden_*_case*.npz")) if shared else []
+    return [pytest.param(p, id=p.stem) for p in paths] or [pytest.param(None, id="no-golden-cases")]
+
+
+def require_case(path: Path | None) -> Path:
+    if path is None:
+        folder = golden_dir()  # skips, or fails under DERIS_REQUIRE_GOLDEN
+        pytest.fail(f"no golden case files (golden_*_case*.npz) in {folder}")
+    return path

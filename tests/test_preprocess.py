@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import time
 import zlib
@@ -14,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from golden import case_params, require_case
 from PIL import Image
 
 from deris.preprocess import (
@@ -23,9 +23,6 @@ from deris.preprocess import (
     preprocess_image,
     resize_and_normalize,
 )
-
-SHARED = Path(os.environ.get("DERIS_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-GOLDEN_CASES = sorted((SHARED / "golden").glob("golden_*_caseA.npz"))
 
 
 def _rng_bgr(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -57,9 +54,9 @@ def _sample_image_rgb(name: str) -> np.ndarray:
         pytest.skip(f"scikit-image sample {name!r} is not available offline: {exc}")
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden case A files under {SHARED}/golden (set DERIS_SHARED)")
-@pytest.mark.parametrize("npz_path", GOLDEN_CASES, ids=[p.stem for p in GOLDEN_CASES])
-def test_golden_inputs(npz_path: Path) -> None:
+@pytest.mark.parametrize("npz_path", case_params())
+def test_golden_inputs(npz_path: Path | None) -> None:
+    npz_path = require_case(npz_path)
     golden = np.load(npz_path)
     meta = json.loads(npz_path.with_suffix(".json").read_text())
     for index, name in enumerate(meta["images"]):

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import sentencepiece  # noqa: E402
+from golden import case_params, require_case  # noqa: E402
 from spm import CORPUS, train_sentencepiece  # noqa: E402
 
 from deris.text import (  # noqa: E402
@@ -26,9 +27,6 @@ from deris.text import (  # noqa: E402
     clean_string,
     load_tokenizer,
 )
-
-SHARED = Path(os.environ.get("DERIS_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-GOLDEN_CASES = sorted((SHARED / "golden").glob("golden_*_caseA.json"))
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,7 @@ def test_encode_layout(encoder: TextEncoder) -> None:
 
 
 def test_encode_accepts_utf8_bytes(encoder: TextEncoder) -> None:
-    for got, want in zip(encoder.encode("red car".encode()), encoder.encode("red car")):
+    for got, want in zip(encoder.encode(b"red car"), encoder.encode("red car")):
         np.testing.assert_array_equal(got, want)
 
 
@@ -168,11 +166,11 @@ def test_sequence_builder_edge_cases() -> None:
     assert ids.tolist() == [BOS_ID, 7, 8, EOS_ID] and mask.tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden case A files under {SHARED}/golden (set DERIS_SHARED)")
-@pytest.mark.parametrize("json_path", GOLDEN_CASES, ids=[p.stem for p in GOLDEN_CASES])
-def test_golden_token_layout(json_path: Path) -> None:
-    meta = json.loads(json_path.read_text())
-    golden = np.load(json_path.with_suffix(".npz"))
+@pytest.mark.parametrize("npz_path", case_params())
+def test_golden_token_layout(npz_path: Path | None) -> None:
+    npz_path = require_case(npz_path)
+    meta = json.loads(npz_path.with_suffix(".json").read_text())
+    golden = np.load(npz_path)
     ref_ids, ref_mask = golden["in_ref_expr_inds"], golden["in_text_attention_mask"]
     max_length = ref_ids.shape[1]
     assert meta["special_ids"] == {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID}

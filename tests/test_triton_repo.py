@@ -22,7 +22,6 @@ from deris.atomic import OutputError  # noqa: E402
 from deris.export.cli import main as export_main  # noqa: E402
 from deris.triton_repo.repository import RepoError, generate_triton_repo, graph_names, read_export, register  # noqa: E402
 
-pytest_plugins = ["tis"]  # one set of session fixtures shared by every test_triton_* module
 
 MANIFEST_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 

@@ -36,7 +36,6 @@ from deris.outputs import write_prediction_files  # noqa: E402
 from deris.prediction import Prediction  # noqa: E402
 from deris.predictor import Predictor  # noqa: E402
 
-pytest_plugins = ["tis"]  # one set of session fixtures shared by every test_triton_* module
 
 PROTOCOLS = ("http", "grpc")
 SCORE_ATOL = 1e-5

@@ -1,7 +1,6 @@
 """Fixtures and helpers for the Triton Inference Server tests (``tests/test_triton_*.py``).
 
-Loaded with ``pytest_plugins = ["tis"]`` so that the session fixtures exist once per test run
-(importing fixtures into several modules would build them once per module):
+The session fixtures built on them live in ``conftest.py`` (so they exist once per test run):
 
 * ``tiny_export``: deris-tiny with fixed random weights (``torch.manual_seed(0)``), saved as a
   checkpoint, exported to ONNX (gridsample MSDA, fp32, every graph), and a sentencepiece model;
@@ -19,13 +18,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import pytest
 from google.protobuf import text_format
 from PIL import Image
-from spm import train_sentencepiece
 from tritonclient.grpc import model_config_pb2
 
 PRESET = "deris-tiny"
@@ -47,61 +44,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
-    import torch
-
-    import deris
-    from deris.export.onnx_export import ExportOptions, export_onnx
-
-    folder = tmp_path_factory.mktemp("deris_tiny")
-    torch.manual_seed(0)
-    model = deris.build_model(PRESET)
-    checkpoint = deris.save_checkpoint(model, folder / "deris_tiny.safetensors")
-    onnx_dir = export_onnx(
-        model, folder / "onnx", ExportOptions(model.cfg.image_size, msda="gridsample", precision="fp32"), progress=False
-    )
-    return TinyExport(checkpoint, onnx_dir, train_sentencepiece(folder / "spm"))
-
-
-@pytest.fixture(scope="session")
-def python_repo(tiny_export: TinyExport, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from deris.triton_repo.repository import generate_triton_repo
-
-    return generate_triton_repo(
-        tiny_export.onnx_dir,
-        tmp_path_factory.mktemp("repo") / "python",
-        "python",
-        "rounds",
-        spm_path=tiny_export.spm,
-        max_batch_size=MAX_BATCH_SIZE,
-        max_queue_delay_us=QUEUE_DELAY_US,
-    )
-
-
-@pytest.fixture(scope="session")
-def triton_server(python_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from deris.triton_repo.server import TritonServer
-
-    log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
-    with open(log_path, "w") as log:
-        server = TritonServer(python_repo, http_port=free_port(), grpc_port=free_port(), log=log)
-        server.start()
-        try:
-            server.wait_ready(timeout=240)
-            yield server
-        finally:
-            code = server.stop()
-    assert code == 0, f"tritonserver exited with {code}; see {log_path}"
-
-
-@pytest.fixture(scope="session")
-def local_predictor(tiny_export: TinyExport) -> Any:
-    from deris.predictor import Predictor
-
-    return Predictor.from_checkpoint(PRESET, tiny_export.checkpoint, tiny_export.spm)
 
 
 # --- images ----------------------------------------------------------------------------------
