@@ -99,6 +99,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deris.eval import register as register_eval
     from deris.triton_repo.client import register as register_client
     from deris.triton_repo.server import register as register_serve
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_convert(sub)
     register_serve(sub)
     register_client(sub)
+    register_eval(sub)
     return parser
 
 

@@ -89,7 +89,7 @@ class DerisConfig:
     def mini_image_size(self) -> int:
         return self.beit3.img_size
 
-    def replace(self, **overrides: Any) -> "DerisConfig":
+    def replace(self, **overrides: Any) -> DerisConfig:
         """A copy with some fields changed, validated."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
         if unknown:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class Predictor:
         *,
         device: str | torch.device | None = None,
         **kwargs: float,
-    ) -> "Predictor":
+    ) -> Predictor:
         """``checkpoint=None`` keeps random weights (smoke tests only: the masks are meaningless)."""
         model = deris.build_model(preset) if checkpoint is None else deris.from_checkpoint(preset, checkpoint)
         return cls(model, TextEncoder.from_spm(Path(tokenizer), model.cfg.max_text_len), device=device, **kwargs)

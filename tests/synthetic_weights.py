@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

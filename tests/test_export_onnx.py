@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from golden import case_paths, golden_check, golden_dir
+from synthetic_weights import load_manifest, official_state_dict
 
 import deris
 from deris.export import cli, onnx_export
@@ -29,8 +31,6 @@ from deris.export.runtime import OnnxPipeline
 from deris.export.verify import format_table, synthetic_inputs, verify_export
 from deris.postprocess import decide
 from deris.topology import pipeline_topology
-from golden import case_paths, golden_check, golden_dir
-from synthetic_weights import load_manifest, official_state_dict
 
 TINY = "deris-tiny"
 TINY_RESOLUTION = 128

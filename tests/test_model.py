@@ -116,11 +116,11 @@ def test_bad_configuration():
 
 
 def test_presets_match_official_numbers():
-    b, l = deris.get_config("deris-b-grefcoco"), deris.get_config("deris-l-refcoco")
-    assert (b.beit3.embed_dim, b.beit3.depth, b.swin.embed_dim, b.swin.window_size) == (768, 12, 96, 7)
-    assert (l.beit3.embed_dim, l.beit3.depth, l.swin.embed_dim, l.swin.window_size) == (1024, 24, 128, 12)
-    assert (b.num_queries, b.max_text_len, b.score_threshold) == (20, 50, 0.7)
-    assert (l.num_queries, l.max_text_len, l.score_threshold) == (10, 20, 0.9)
+    base, large = deris.get_config("deris-b-grefcoco"), deris.get_config("deris-l-refcoco")
+    assert (base.beit3.embed_dim, base.beit3.depth, base.swin.embed_dim, base.swin.window_size) == (768, 12, 96, 7)
+    assert (large.beit3.embed_dim, large.beit3.depth, large.swin.embed_dim, large.swin.window_size) == (1024, 24, 128, 12)
+    assert (base.num_queries, base.max_text_len, base.score_threshold) == (20, 50, 0.7)
+    assert (large.num_queries, large.max_text_len, large.score_threshold) == (10, 20, 0.9)
     assert deris.get_config("DERIS-L-grefcoco").name == "deris-l-grefcoco"
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from spm import train_sentencepiece
 
 import deris
 from deris.predictor import Predictor
 from deris.text import TextEncoder
-from spm import train_sentencepiece
 
 
 @pytest.fixture(scope="module")

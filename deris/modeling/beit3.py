@@ -8,7 +8,7 @@ expert the L text tokens; attention itself is joint over all 197 + L tokens.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

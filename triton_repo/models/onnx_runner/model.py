@@ -36,7 +36,9 @@ class TritonPythonModel:
         graph_outputs = {o.name for o in self.session.get_outputs()}
         missing = sorted(set(self.input_names) - graph_inputs) + sorted(set(self.output_names) - graph_outputs)
         if missing:
-            raise ValueError(f"{path} has no tensors named {missing}; its inputs are {sorted(graph_inputs)}, outputs {sorted(graph_outputs)}")
+            raise ValueError(
+                f"{path} has no tensors named {missing}; its inputs are {sorted(graph_inputs)}, outputs {sorted(graph_outputs)}"
+            )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds_per_request = [
