@@ -16,7 +16,7 @@ from deris.cli_support import EXIT_OK, UsageError, add_command, add_force, add_p
 PROG = "deris"
 
 
-def register_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register_predict(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "predict", run=run_predict,
         help="segment what one or more expressions refer to in an image",
@@ -62,7 +62,7 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register_convert(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register_convert(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "convert", run=run_convert,
         help="convert an official DeRIS checkpoint to this project's format",

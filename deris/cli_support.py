@@ -46,7 +46,7 @@ class ToolError(RuntimeError):
     to talk to): exit code 2, with a message that says what to install or start."""
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str,  # type: ignore[type-arg]  # argparse's private generic
+def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str,
                 run: Run, examples: str = "") -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` ends with examples and the exit codes."""
     epilog = (f"examples:\n{examples.rstrip()}\n\n" if examples else "") + EXIT_CODES

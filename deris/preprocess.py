@@ -10,6 +10,7 @@ are made from the original image.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     return bgr
 
 
-def load_image(image: str | Path | bytes | np.ndarray, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def load_image(image: str | os.PathLike[str] | bytes | np.ndarray, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Load an image as BGR uint8 HxWx3 (the official pipeline's decoded form).
 
     ``image`` may be:
@@ -125,7 +126,7 @@ def load_image(image: str | Path | bytes | np.ndarray, *, max_pixels: int = MAX_
         return _array_to_bgr(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return decode_image(image, max_pixels=max_pixels)
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
             data = path.read_bytes()
@@ -198,7 +199,7 @@ def resize_and_normalize(bgr: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess_image(
-    image: str | Path | bytes | np.ndarray,
+    image: str | os.PathLike[str] | bytes | np.ndarray,
     image_size: int = IMAGE_SIZE,
     mini_size: int = MINI_IMAGE_SIZE,
     *,

@@ -66,7 +66,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register_onnx(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register_onnx(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers, "onnx", run=_run_onnx,
         help="export the model to ONNX graphs (+ manifest.json) and verify them in ONNX Runtime",
@@ -103,7 +103,7 @@ def _run_trt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register_trt(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register_trt(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers, "trt", run=_run_trt,
         help="build TensorRT engines from an ONNX export directory (needs TensorRT and a GPU)",

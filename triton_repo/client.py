@@ -50,7 +50,7 @@ class DerisClient:
                 address, ssl=ssl, connection_timeout=timeout, network_timeout=timeout
             )
         else:
-            import tritonclient.grpc as module  # type: ignore[no-redef]
+            import tritonclient.grpc as module
 
             self._client = module.InferenceServerClient(address, ssl=ssl)
         self._module: Any = module
@@ -167,7 +167,7 @@ def _prediction(arrays: dict[str, np.ndarray], score_threshold: float) -> Predic
     )
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "client", run=run_client,
         help="segment with a running Triton server (`deris serve`) and write deris predict's files",

@@ -523,7 +523,7 @@ def _write_ensemble(repo: Path, export: Export, steps: Sequence[Step], decoder: 
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``triton-repo`` subcommand to ``deris-export``."""
     p = add_command(
         subparsers, "triton-repo", run=run_triton_repo,

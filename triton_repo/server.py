@@ -252,7 +252,7 @@ class TritonServer:
         self.stop()
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "serve", run=run_serve,
         help="serve a Triton model repository (from `deris-export triton-repo`)",

@@ -85,6 +85,15 @@ class EncoderLayer(nn.Module):
         return x + self.ffn(self.ffn_norm(x, split), split)
 
 
+class PositionTables(nn.Module):
+    """BEiT-3's learned absolute positions, one table per modality (keys ``vision``, ``text``)."""
+
+    def __init__(self, vision_rows: int, text_rows: int, dim: int) -> None:
+        super().__init__()
+        self.vision = nn.Embedding(vision_rows, dim)
+        self.text = nn.Embedding(text_rows, dim)
+
+
 class BEiT3(nn.Module):
     """Returns the final-LN tokens: CLS [B,D], image patches [B,196,D], text [B,L,D]."""
 
@@ -97,12 +106,7 @@ class BEiT3(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.text_embed = nn.Embedding(cfg.vocab_size, dim)
-        self.pos_embed = nn.ModuleDict(
-            {
-                "vision": nn.Embedding(self.num_image_tokens + POSITION_OFFSET, dim),
-                "text": nn.Embedding(cfg.max_text_positions, dim),
-            }
-        )
+        self.pos_embed = PositionTables(self.num_image_tokens + POSITION_OFFSET, cfg.max_text_positions, dim)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.depth))
         self.norm = Multiway(lambda: nn.LayerNorm(dim, eps=1e-5))
 
@@ -117,8 +121,8 @@ class BEiT3(nn.Module):
             raise ValueError(f"text length {length} exceeds BEiT-3's {self.cfg.max_text_positions - POSITION_OFFSET} positions")
         patches = self.patch_embed(image).flatten(2).transpose(1, 2)
         vision = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
-        vision = vision + self.pos_embed["vision"].weight[POSITION_OFFSET : POSITION_OFFSET + self.num_image_tokens]
-        text = self.text_embed(token_ids) + self.pos_embed["text"].weight[POSITION_OFFSET : POSITION_OFFSET + length]
+        vision = vision + self.pos_embed.vision.weight[POSITION_OFFSET : POSITION_OFFSET + self.num_image_tokens]
+        text = self.text_embed(token_ids) + self.pos_embed.text.weight[POSITION_OFFSET : POSITION_OFFSET + length]
         x = torch.cat([vision, text], dim=1)
         split = self.num_image_tokens
         pad = torch.cat([torch.zeros_like(text_pad_mask[:, :1]).expand(-1, split), text_pad_mask], dim=1)

@@ -24,7 +24,9 @@ class CrossAttentionLayer(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, query, query_pos, memory, memory_pos, blocked):  # type: ignore[no-untyped-def]
+    def forward(
+        self, query: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
         return self.norm(query + self.attn(query + query_pos, memory + memory_pos, memory, blocked=blocked))
 
 
@@ -59,7 +61,9 @@ class MaskedAttentionLayer(nn.Module):
         self.self_attn = SelfAttentionLayer(dim, num_heads)
         self.ffn = FFNLayer(dim, ffn_dim)
 
-    def forward(self, query, query_pos, memory, memory_pos, blocked):  # type: ignore[no-untyped-def]
+    def forward(
+        self, query: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
         query = self.cross_attn(query, query_pos, memory, memory_pos, blocked)
         return self.ffn(self.self_attn(query, query_pos))
 

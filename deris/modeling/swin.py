@@ -9,6 +9,7 @@ pads odd maps. Returns the four stage outputs after their own LayerNorms.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,8 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int, device: torch.d
 
 
 class WindowAttention(nn.Module):
+    relative_position_index: torch.Tensor
+
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -147,15 +150,22 @@ class SwinStage(nn.Module):
         return x
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches (a strided conv) and a LayerNorm over channels (keys ``proj``, ``norm``)."""
+
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+
+
 class SwinTransformer(nn.Module):
     """[B,3,H,W] -> [res2, res3, res4, res5] at strides 4, 8, 16, 32 (channels C, 2C, 4C, 8C)."""
 
     def __init__(self, cfg: SwinConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.patch_embed.norm = nn.LayerNorm(cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.patch_size)
         channels = cfg.channels
         stages = len(cfg.depths)
         self.layers = nn.ModuleList(
@@ -168,12 +178,12 @@ class SwinTransformer(nn.Module):
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         p = self.cfg.patch_size
         h, w = image.shape[-2:]
-        x = F.pad(image, (0, (p - w % p) % p, 0, (p - h % p) % p))
-        x = self.patch_embed.proj(x)
+        x = self.patch_embed.proj(F.pad(image, (0, (p - w % p) % p, 0, (p - h % p) % p)))
         b, c, h, w = x.shape
         x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
         outs = []
-        for i, stage in enumerate(self.layers):
+        for i, module in enumerate(self.layers):
+            stage = cast(SwinStage, module)  # nn.ModuleList yields plain Modules to the type checker
             x = stage(x, h, w)
             out = getattr(self, f"norm{i}")(x)
             outs.append(out.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous())
