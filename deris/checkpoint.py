@@ -3,7 +3,7 @@
 Official checkpoints (``Dmmm1997/DeRIS``, mmcv format: a dict holding ``state_dict``, keys
 possibly prefixed ``module.``) are mapped key by key to this project's names. Loading is strict:
 every missing, unexpected or mis-shaped key is reported by name in one :class:`CheckpointError`.
-Parameters that are dead at inference (spec section 10, item 11) are accepted and dropped;
+Parameters that are dead at inference (docs/model.md, "Checkpoints") are accepted and dropped;
 they are listed in :data:`DEAD_AT_INFERENCE`. Swin's ``relative_position_index`` buffers are a
 pure function of the window size: they are checked against ours, not loaded.
 

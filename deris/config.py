@@ -1,7 +1,7 @@
 """DeRIS configurations: plain dataclasses and named presets.
 
 Every number of the official presets comes from the official configs as documented in
-``shared/spec/ARCHITECTURE.md`` (sections 1, 4, 5, 6) and the state_dict manifests.
+the official configs and state_dicts (docs/model.md).
 """
 
 from __future__ import annotations

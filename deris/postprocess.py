@@ -1,4 +1,4 @@
-"""Official DeRIS post-processing (spec section 6), without the untrained box path.
+"""Official DeRIS post-processing (docs/model.md, quirks 10-12), without the untrained box path.
 
 score_q = softmax(refer_logits_q)[0]; the mask is the OR over queries with score_q > threshold
 (strictly) of sigmoid(x4-upsampled mask logits) >= mask_threshold; "no target" means no query

@@ -1,6 +1,6 @@
 """Image input path: decode, resize and normalize exactly as the official DeRIS pipeline.
 
-The official pipeline (ARCHITECTURE.md section 2.1) is ``mmcv.imfrombytes(flag="color")`` (BGR uint8),
+The official pipeline (docs/model.md, "Inputs") is ``mmcv.imfrombytes(flag="color")`` (BGR uint8),
 ``HierResize(keep_ratio=False)`` (``mmcv.imresize``: cv2 ``INTER_LINEAR`` on uint8, aspect ratio not kept),
 then mmdet ``Normalize`` (``mmcv.imnormalize``: BGR->RGB, subtract the mean, multiply by 1/std, float32)
 and ``DefaultFormatBundle`` (HWC->CHW). Both the 384x384 perception copy and the 224x224 cognition copy

@@ -1,6 +1,6 @@
 """Text input path: clean a referring expression and turn it into BEiT-3 token ids and a padding mask.
 
-As the official pipeline (ARCHITECTURE.md section 2.2), checked against the source of the official loaders
+As the official pipeline (docs/model.md, "Inputs"), checked against the source of the official loaders
 ``LoadImageAnnotationsFromFile_TO`` / ``LoadImageAnnotationsFromFileGRES_TO`` (``_load_expression_tokenize_beit3``,
 read from the public code index):
 
@@ -91,7 +91,7 @@ def load_tokenizer(spm_path: str | Path) -> XLMRobertaTokenizer:
         raise TokenizerError(
             f"the tokenizer built from {path} does not use the fairseq ids (vocabulary {len(tokenizer)} for "
             f"{num_pieces} pieces, bos/pad/eos/unk {specials}, first piece {first_piece_id}); "
-            "check the transformers version (see STACK.md)"
+            "check that transformers is the pinned version (docs/deployment.md, \"The pinned stack\")"
         )
     return tokenizer
 

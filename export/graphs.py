@@ -40,7 +40,7 @@ class PerceptionGraph(nn.Module):
 
 
 class _WithInitialQueries(nn.Module):
-    """Holds the decoder's initial queries as a constant: they depend on no input (section 12.3)."""
+    """Holds the decoder's initial queries as a constant: they depend on no input (docs/deployment.md, "Graph cut")."""
 
     initial_queries: torch.Tensor
 

@@ -6,7 +6,7 @@ float32, stay float32). Two things are then kept in float32 on purpose:
 
 * MSDA: coordinates, bilinear weights and sums (``deris.export.msda`` casts around it);
 * normalisation and softmax nodes (:data:`FLOAT32_OPS`), through a Cast pair around each. fp16
-  LayerNorm is a known overflow source in TensorRT (DEPLOYMENT_FACTS.md section 2), and the
+  LayerNorm is a known overflow source in TensorRT (docs/deployment.md, "Precision"), and the
   reductions inside these ops are where fp16 loses the most.
 
 Inputs and outputs of fp16 graphs are float16 (token ids and the padding mask stay int64), so

@@ -2,7 +2,7 @@
 
 A ``tritonserver`` on PATH (e.g. in an NGC container, with the TensorRT and ONNX Runtime backends)
 is used as is. Otherwise the server bundled in the ``nvidia-pytriton`` wheel is run: it has only the
-python backend, so it serves ``--backend python`` repositories. The recipe (STACK.md section 5):
+python backend, so it serves ``--backend python`` repositories. The recipe (docs/deployment.md, "The pinned stack"):
 
 * the wheel's ``backends`` folder is copied to a work folder, with the python-backend stub for this
   interpreter's version put into ``backends/python``;
@@ -12,8 +12,23 @@ python backend, so it serves ``--backend python`` repositories. The recipe (STAC
 * ``LD_LIBRARY_PATH`` starts with this interpreter's ``LIBDIR`` (the stub's libpython) and the
   wheel's ``nvidia_pytriton.libs``.
 
-Readiness is polled with a client that is closed after each poll: an open keep-alive connection
-makes the server wait its whole exit timeout on shutdown.
+Stopping (docs/serving.md, "Stopping the server"). Left to itself, tritonserver 2.51 handles SIGTERM
+badly for an ensemble: its composing models refuse new work as soon as the stop begins, so an ensemble
+request between two steps fails ("Server is stopping, scheduler for model has stopped accepting new
+inference requests") or hangs until the exit timeout; and any idle HTTP keep-alive connection makes it
+wait its whole exit timeout, after which it exits 1 without unloading the models ("Exit timeout
+expired"; the python stubs log "Non-graceful termination detected"). So :meth:`TritonServer.stop`
+drains the server itself before signalling it, through the model-repository API (explicit model
+control, restricted to a per-run key):
+
+1. unload the entry models (those no ensemble uses as a step, i.e. ``deris``): new requests are
+   refused and readiness goes false at once, while the requests in flight finish their remaining
+   steps on the composing models, which are still loaded;
+2. once they have, unload the composing models (the python stubs finish cleanly);
+3. SIGTERM tritonserver, whose own exit timeout is then only a short linger for idle HTTP
+   keep-alive connections, which it closes (they never close by themselves).
+
+Readiness is polled with a client that is closed after each poll, so that it is no idle connection.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import argparse
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,14 +47,29 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
-from deris.cli_support import ToolError, add_command, add_quiet
+from deris.cli_support import EXIT_CHECK_FAILED, EXIT_OK, ToolError, add_command, add_quiet
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HOST = "127.0.0.1"
-EXIT_TIMEOUT_S = 5
+# The most seconds a stop takes, from the signal to the exit: draining the requests in flight,
+# unloading the models and tritonserver's own exit. Below Kubernetes' default grace period (30 s).
+DEFAULT_EXIT_TIMEOUT_S = 20.0
+# tritonserver's own --exit-timeout-secs. By the time it gets SIGTERM from stop() nothing is in flight
+# and no model is loaded, so all it waits for is idle HTTP keep-alive connections, which only its
+# exit closes. One second rather than zero tolerates a health probe that races the signal.
+TRITON_EXIT_TIMEOUT_S = 1
+# After SIGTERM, how long tritonserver gets at least to exit by itself before it is killed.
+_EXIT_GRACE_S = 5.0
+_POLL_S = 0.1
+# The model-repository API (load / unload / index) needs this header with the run's secret key, so
+# that only stop() can unload models; without explicit model control (the default, which `deris
+# serve` replaces) nobody could.
+STOP_KEY_HEADER = "deris-stop-key"
+# tritonserver options that stop() relies on; set through --server-arg they would break it.
+_MANAGED_OPTIONS = ("--model-control-mode", "--load-model", "--exit-timeout-secs")
 # Model kinds of `deris-export triton-repo` that need a backend the bundled server lacks.
 _OTHER_BACKENDS = re.compile(r'^platform:\s*"(tensorrt_plan|onnxruntime_onnx)"', re.MULTILINE)
 
@@ -90,6 +121,7 @@ class TritonServer:
     ``binary``: a ``tritonserver`` to run; by default the one on PATH, else the bundled one.
     ``log``: where the server's stdout/stderr go (a file object); None means inherit (the terminal).
     ``extra_args`` are appended to the server's command line (e.g. ``--backend-config=...``).
+    ``exit_timeout``: the most seconds :meth:`stop` takes (drain, unload, exit) before it kills the server.
     """
 
     def __init__(
@@ -102,6 +134,7 @@ class TritonServer:
         binary: str | os.PathLike[str] | None = None,
         log: IO[str] | None = None,
         extra_args: Sequence[str] = (),
+        exit_timeout: float = DEFAULT_EXIT_TIMEOUT_S,
     ) -> None:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir() or not any(self.repo.glob("*/config.pbtxt")):
@@ -112,9 +145,20 @@ class TritonServer:
         self.http_port, self.grpc_port, self.host = http_port, grpc_port, host
         self.binary = Path(binary) if binary is not None else None
         self.log = log
+        managed = [arg for arg in extra_args if arg.split("=", 1)[0] in _MANAGED_OPTIONS]
+        if managed:
+            raise ServerError(
+                f"{' '.join(managed)}: deris sets {', '.join(_MANAGED_OPTIONS)} itself, to drain in-flight requests "
+                "on stop (docs/serving.md, \"Stopping the server\"); use --exit-timeout for the stop's time limit"
+            )
         self.extra_args = list(extra_args)
+        if exit_timeout <= 0:
+            raise ValueError(f"exit_timeout must be a positive number of seconds, got {exit_timeout}")
+        self.exit_timeout = exit_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._stop_key = secrets.token_hex(16)
+        self._ready = False
 
     @property
     def http_url(self) -> str:
@@ -142,7 +186,12 @@ class TritonServer:
             "--allow-metrics=false",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            # Every model loaded at start, as without model control, but stop() may unload them.
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api=model-repository:{STOP_KEY_HEADER}={self._stop_key}",
+            f"--grpc-restricted-protocol=model-repository:{STOP_KEY_HEADER}={self._stop_key}",
+            f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
         ]
         binary = self.binary or (Path(found) if (found := shutil.which("tritonserver")) else None)
         if binary is None:
@@ -199,6 +248,7 @@ class TritonServer:
             try:
                 with httpclient.InferenceServerClient(self.http_url) as client:
                     if client.is_server_ready():
+                        self._ready = True
                         return time.monotonic() - start
             except Exception:  # not listening yet: connection refused or reset
                 pass
@@ -221,23 +271,79 @@ class TritonServer:
             raise ServerError("the server was not started")
         return self.process.wait()
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout`` s; return the exit code."""
+    def stop(self) -> int | None:
+        """Stop gracefully; return tritonserver's exit code (None if it was never started).
+
+        Once the server was ready: new requests are refused at once, the requests in flight finish,
+        the models are unloaded, then tritonserver exits and closes idle keep-alive connections (see
+        the module docstring). All within ``exit_timeout`` s: what is still in flight then fails,
+        tritonserver exits 1, and it is killed if it has not exited ``_EXIT_GRACE_S`` s later. A
+        server that was not ready yet just gets SIGTERM. What happens is reported on the log.
+        """
         try:
             if self.process is None:
                 return None
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            start = time.monotonic()
+            deadline = start + self.exit_timeout
+            if self._ready and self.process.poll() is None:
+                self._ready = False
+                if self._drain(deadline):
+                    self._say(f"drained in {time.monotonic() - start:.1f} s: every request in flight was answered "
+                              "and every model unloaded; stopping tritonserver")
+            self.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(max(deadline - time.monotonic(), _EXIT_GRACE_S))
+            except subprocess.TimeoutExpired:
+                self._say(f"tritonserver did not exit within {time.monotonic() - start:.0f} s of the stop; killing it")
+                self.process.kill()
+                self.process.wait()
             return self.process.returncode
         finally:
             if self._workdir is not None:
                 self._workdir.cleanup()
                 self._workdir = None
+
+    def _drain(self, deadline: float) -> bool:
+        """Unload the entry models, then the others, each time waiting until their requests are done.
+
+        Returns whether both finished before ``deadline``; reports why not. A server that exits or
+        stops answering meanwhile ends the drain (tritonserver's own exit code then tells the rest).
+        """
+        import http.client
+
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        headers = {STOP_KEY_HEADER: self._stop_key}
+        try:
+            # Closed before tritonserver is signalled: an open connection would hold up its exit.
+            with httpclient.InferenceServerClient(self.http_url, network_timeout=self.exit_timeout) as client:
+                loaded = [m["name"] for m in client.get_model_repository_index(headers=headers) if m.get("state") == "READY"]
+                steps = {step["model_name"] for name in loaded
+                         for step in client.get_model_config(name).get("ensemble_scheduling", {}).get("step", [])}
+                entries = [name for name in loaded if name not in steps]
+                self._say(f"stopping: {', '.join(entries)} refuse new requests; the requests in flight get "
+                          f"up to {self.exit_timeout:g} s to finish")
+                for models, what in ((entries, "requests in flight"), ([n for n in loaded if n in steps], "requests")):
+                    for name in models:
+                        client.unload_model(name, headers=headers)
+                    while busy := [m["name"] for m in client.get_model_repository_index(headers=headers)
+                                   if m["name"] in models and m.get("state") in ("READY", "UNLOADING")]:
+                        if time.monotonic() >= deadline:
+                            self._say(f"{', '.join(busy)} still had {what} after the exit timeout "
+                                      f"({self.exit_timeout:g} s); stopping anyway, so they fail")
+                            return False
+                        time.sleep(_POLL_S)
+        except (InferenceServerException, OSError, http.client.HTTPException) as exc:
+            # Typically tritonserver exited meanwhile (a second Ctrl-C, a crash): its exit code tells how.
+            self._say(f"draining stopped: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def _say(self, message: str) -> None:
+        """One line of the stop's report: on the server's log, or on stderr when it inherits the terminal."""
+        out = self.log if self.log is not None else sys.stderr
+        print(f"deris serve: {message}", file=out, flush=True)
 
     def __enter__(self) -> TritonServer:
         self.start()
