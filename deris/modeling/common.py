@@ -64,6 +64,27 @@ class Attention(nn.Module):
         return self.out_proj(self.project(x, 2))
 
 
+class PostNormDecoderLayer(nn.Module):
+    """Post-LN decoder layer over a text: self-attention, cross-attention, FFN (ReLU), each followed
+    by its LayerNorm. ``cross_attn(query, key, value, key_padding_mask=...)`` decides how padded
+    keys are masked (the official aligner uses -inf, ``Q2TCA`` an additive -100)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, cross_attn: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.self_norm = nn.LayerNorm(dim)
+        self.cross_attn = cross_attn
+        self.cross_norm = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        x = self.self_norm(query + self.self_attn(query, query, query))
+        x = self.cross_norm(x + self.cross_attn(x, key, value, key_padding_mask=key_padding_mask))
+        return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x))))
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU in between (Mask2Former's ``MLP``; keys ``layers.{i}``)."""
 

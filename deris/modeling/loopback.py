@@ -14,12 +14,11 @@ modes are provided:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import deris.kernels as kernels
 from deris.config import QuerySAMode
-from deris.modeling.common import Attention
+from deris.modeling.common import Attention, PostNormDecoderLayer
 
 
 class QuerySelfAttention(nn.Module):
@@ -50,7 +49,7 @@ class TextCrossAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_pad_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         b, n, c = query.shape
         head_dim = c // self.num_heads
 
@@ -59,29 +58,17 @@ class TextCrossAttention(nn.Module):
 
         q = heads(self.q(query)) * head_dim**-0.5
         logits = q @ heads(self.k(key)).transpose(-2, -1)
-        logits = logits + text_pad_mask.to(logits.dtype)[:, None, None, :] * -100.0
+        logits = logits + key_padding_mask.to(logits.dtype)[:, None, None, :] * -100.0
         out = (logits.softmax(-1) @ heads(self.v(value))).transpose(1, 2).reshape(b, n, c)
         return self.proj(out)
 
 
-class TextAttentionLayer(nn.Module):
+class TextAttentionLayer(PostNormDecoderLayer):
     """Official ``Q2TCA`` (GlobalDecoderLayer, post-LN): query self-attention, text cross-attention
-    (keys carry the 1-D text position table), FFN."""
+    (keys carry the 1-D text position table, padded keys get -100), FFN."""
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int) -> None:
-        super().__init__()
-        self.self_attn = Attention(dim, num_heads)
-        self.self_norm = nn.LayerNorm(dim)
-        self.cross_attn = TextCrossAttention(dim, num_heads)
-        self.cross_norm = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.ffn_norm = nn.LayerNorm(dim)
-
-    def forward(self, query: torch.Tensor, text: torch.Tensor, text_pos: torch.Tensor, text_pad_mask: torch.Tensor) -> torch.Tensor:
-        t = self.self_norm(query + self.self_attn(query, query, query))
-        t = self.cross_norm(t + self.cross_attn(t, text + text_pos, text, text_pad_mask))
-        return self.ffn_norm(t + self.linear2(F.relu(self.linear1(t))))
+        super().__init__(dim, num_heads, ffn_dim, TextCrossAttention(dim, num_heads))
 
 
 class LoopbackRound(nn.Module):
@@ -106,7 +93,7 @@ class LoopbackRound(nn.Module):
         """query [B,N,C] -> (next query [B,N,C], refer logits [B,N,2])."""
         mask_embedding = kernels.mask_pool(mask_logits, fused_features) if mode == "official_batch" else None
         q = self.query_sa(query, mask_embedding, mode)
-        refer_query = self.text_attn(q, text_feat, text_pos, text_pad_mask)
+        refer_query = self.text_attn(q, text_feat + text_pos, text_feat, text_pad_mask)
         refer_logits = refer_head(refer_query)
         out = self.refer_proj(torch.cat([q, refer_query], dim=-1))
         if intermediates is not None:
