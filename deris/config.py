@@ -26,6 +26,9 @@ class BEiT3Config:
     img_size: int = 224
     patch_size: int = 16
     max_text_positions: int = 1024
+    # Training only (stochastic depth, linear over the layers). The official large models train
+    # without it: their builder receives the misspelled keyword `rop_path_rate`.
+    drop_path_rate: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class SwinConfig:
     window_size: int = 7
     patch_size: int = 4
     mlp_ratio: float = 4.0
+    # Training only: stochastic depth stays on in train mode although the weights are frozen (official).
+    drop_path_rate: float = 0.3
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -66,6 +71,7 @@ class DecoderConfig:
     text_attn_ffn_dim: int = 2048
     aligner_layers: int = 3
     aligner_ffn_dim: int = 512
+    aligner_dropout: float = 0.1  # training only
 
 
 @dataclass(frozen=True)
@@ -140,13 +146,18 @@ class DerisConfig:
             (f"swin stage {i} width", width, f"swin.num_heads[{i}]", heads)
             for i, (width, heads) in enumerate(zip(self.swin.channels, self.swin.num_heads))
         ]
+        rates = {"beit3.drop_path_rate": self.beit3.drop_path_rate, "swin.drop_path_rate": self.swin.drop_path_rate,
+                 "decoder.aligner_dropout": self.decoder.aligner_dropout}
+        for name, rate in rates.items():
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
         for name, value, by_name, by in divisible:
             if by < 1 or value % by:
                 raise ValueError(f"{name} ({value}) must be divisible by {by_name} ({by})")
 
 
 BEIT3_BASE = BEiT3Config(embed_dim=768, depth=12, num_heads=12, ffn_dim=3072)
-BEIT3_LARGE = BEiT3Config(embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096)
+BEIT3_LARGE = BEiT3Config(embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096, drop_path_rate=0.0)
 SWIN_S = SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7)
 SWIN_B_384 = SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12)
 

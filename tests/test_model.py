@@ -137,3 +137,22 @@ def test_triton_kernels_path_equals_reference(tiny_models):
         triton = outputs(official, *batch)
     for key, value in reference.items():
         torch.testing.assert_close(triton[key], value, atol=1e-4 * float(value.abs().max()), rtol=0)
+
+
+def test_training_regularisation_only_in_train_mode():
+    """Stochastic depth (BEiT-3, Swin) and the aligner's dropout change train-mode outputs only."""
+    torch.manual_seed(0)
+    model = deris.build_model("deris-tiny")
+    cfg = model.cfg
+    assert (cfg.beit3.drop_path_rate, cfg.swin.drop_path_rate, cfg.decoder.aligner_dropout) == (0.1, 0.3, 0.1)
+    assert deris.get_config("deris-l-refcoco").beit3.drop_path_rate == 0.0  # the official typo: no drop path for L
+    generator = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 3, 128, 128, generator=generator), torch.randn(2, 3, 224, 224, generator=generator),
+            torch.randint(3, 50, (2, 16), generator=generator), torch.zeros(2, 16, dtype=torch.long))
+    with torch.no_grad():
+        first, second = model(*args), model(*args)
+        assert torch.equal(first["pred_masks_lowres"], second["pred_masks_lowres"])
+        model.train()
+        trained = model(*args)
+    assert not torch.allclose(trained["pred_masks_lowres"], first["pred_masks_lowres"])
+    assert not torch.allclose(trained["pred_existence"], first["pred_existence"])

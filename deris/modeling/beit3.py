@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deris.config import BEiT3Config
+from deris.modeling.common import depth_rates, drop_path
 
 # fairseq-style learned positions start at row 2; rows 0-1 exist in the tables but are unused.
 POSITION_OFFSET = 2
@@ -72,17 +73,18 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: BEiT3Config) -> None:
+    def __init__(self, cfg: BEiT3Config, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         dim = cfg.embed_dim
+        self.drop_path_rate = drop_path_rate
         self.attn_norm = Multiway(lambda: nn.LayerNorm(dim, eps=1e-5))
         self.attn = MultiwayAttention(dim, cfg.num_heads)
         self.ffn_norm = Multiway(lambda: nn.LayerNorm(dim, eps=1e-5))
         self.ffn = Multiway(lambda: FeedForward(dim, cfg.ffn_dim))
 
     def forward(self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x, split), split, key_padding_mask)
-        return x + self.ffn(self.ffn_norm(x, split), split)
+        x = x + drop_path(self.attn(self.attn_norm(x, split), split, key_padding_mask), self.drop_path_rate, self.training)
+        return x + drop_path(self.ffn(self.ffn_norm(x, split), split), self.drop_path_rate, self.training)
 
 
 class PositionTables(nn.Module):
@@ -107,7 +109,7 @@ class BEiT3(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.text_embed = nn.Embedding(cfg.vocab_size, dim)
         self.pos_embed = PositionTables(self.num_image_tokens + POSITION_OFFSET, cfg.max_text_positions, dim)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.depth))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, rate) for rate in depth_rates(cfg.drop_path_rate, cfg.depth))
         self.norm = Multiway(lambda: nn.LayerNorm(dim, eps=1e-5))
 
     def forward(

@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: in training, zero whole samples' residual branches with probability ``rate``
+    and scale the kept ones by 1 / (1 - rate); the identity at inference."""
+    if not training or rate == 0.0:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device) >= rate
+    return x * keep / (1.0 - rate)
+
+
+def depth_rates(rate: float, depth: int) -> list[float]:
+    """Per-layer stochastic-depth rates rising linearly from 0 to ``rate`` (the official schedule)."""
+    return torch.linspace(0, rate, depth).tolist() if depth > 1 else [0.0] * depth
+
+
 class Attention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout, batch-first.
 
@@ -17,10 +31,11 @@ class Attention(nn.Module):
     (``nn.MultiheadAttention`` bakes sequence lengths into reshapes with the legacy exporter).
     """
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dropout = dropout  # on the attention probabilities, in training only
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
@@ -56,7 +71,7 @@ class Attention(nn.Module):
             logits = logits.masked_fill(blocked, float("-inf"))
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask.bool()[:, None, None, :], float("-inf"))
-        out = logits.softmax(-1) @ v
+        out = F.dropout(logits.softmax(-1), self.dropout, self.training) @ v
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
     def value_only(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,11 +82,13 @@ class Attention(nn.Module):
 class PostNormDecoderLayer(nn.Module):
     """Post-LN decoder layer over a text: self-attention, cross-attention, FFN (ReLU), each followed
     by its LayerNorm. ``cross_attn(query, key, value, key_padding_mask=...)`` decides how padded
-    keys are masked (the official aligner uses -inf, ``Q2TCA`` an additive -100)."""
+    keys are masked (the official aligner uses -inf, ``Q2TCA`` an additive -100). ``dropout``
+    applies in training to the self-attention probabilities and inside the FFN (the aligner: 0.1)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, cross_attn: nn.Module) -> None:
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, cross_attn: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
-        self.self_attn = Attention(dim, num_heads)
+        self.dropout = dropout
+        self.self_attn = Attention(dim, num_heads, dropout)
         self.self_norm = nn.LayerNorm(dim)
         self.cross_attn = cross_attn
         self.cross_norm = nn.LayerNorm(dim)
@@ -82,7 +99,8 @@ class PostNormDecoderLayer(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         x = self.self_norm(query + self.self_attn(query, query, query))
         x = self.cross_norm(x + self.cross_attn(x, key, value, key_padding_mask=key_padding_mask))
-        return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x))))
+        hidden = F.dropout(F.relu(self.linear1(x)), self.dropout, self.training)
+        return self.ffn_norm(x + F.dropout(self.linear2(hidden), self.dropout, self.training))
 
 
 class MLP(nn.Module):

@@ -15,9 +15,11 @@ class ExistenceHead(nn.Module):
         super().__init__()
         dim = cfg.hidden_dim
         heads = cfg.decoder.num_heads
-        # self-attention -> LN -> text cross-attention (padded keys -inf) -> LN -> FFN -> LN, no positional encodings
+        # self-attention -> LN -> text cross-attention (padded keys -inf) -> LN -> FFN -> LN, no
+        # positional encodings; the official aligner trains with dropout on attention and FFN.
+        drop = cfg.decoder.aligner_dropout
         self.layers = nn.ModuleList(
-            PostNormDecoderLayer(dim, heads, cfg.decoder.aligner_ffn_dim, Attention(dim, heads))
+            PostNormDecoderLayer(dim, heads, cfg.decoder.aligner_ffn_dim, Attention(dim, heads, drop), drop)
             for _ in range(cfg.decoder.aligner_layers)
         )
         self.norm = nn.LayerNorm(dim)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deris.config import SwinConfig
+from deris.modeling.common import depth_rates, drop_path
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -92,10 +93,11 @@ class Mlp(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.window = window
         self.shift = shift
+        self.drop_path_rate = drop_path_rate
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)
@@ -113,8 +115,8 @@ class SwinBlock(nn.Module):
         y = window_reverse(self.attn(window_partition(y, win), shift_mask if self.shift else None), win, hp, wp)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y[:, :h, :w, :].reshape(b, h * w, c)
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(y[:, :h, :w, :].reshape(b, h * w, c), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 class PatchMerging(nn.Module):
@@ -132,12 +134,14 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, downsample: bool) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, downsample: bool, drop_path_rates: list[float]
+    ) -> None:
         super().__init__()
         self.window = window
         self.shift = window // 2
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else self.shift, mlp_ratio) for i in range(depth)
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else self.shift, mlp_ratio, drop_path_rates[i]) for i in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -168,8 +172,12 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.patch_size)
         channels = cfg.channels
         stages = len(cfg.depths)
+        # Stochastic-depth rates rise linearly over all blocks of all stages.
+        rates = depth_rates(cfg.drop_path_rate, sum(cfg.depths))
+        starts = [sum(cfg.depths[:i]) for i in range(stages)]
         self.layers = nn.ModuleList(
-            SwinStage(channels[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio, i < stages - 1)
+            SwinStage(channels[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio, i < stages - 1,
+                      rates[starts[i] : starts[i] + cfg.depths[i]])
             for i in range(stages)
         )
         for i, c in enumerate(channels):
