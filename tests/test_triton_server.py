@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,11 +34,10 @@ pytest.register_assert_rewrite("tis")  # before the import below, so its asserts
 from tis import TinyExport, encode, free_port, png_claiming_size, small, synthetic_image  # noqa: E402
 
 from deris.cli import main as deris_main  # noqa: E402
-from deris.triton_repo.client import ClientError, DerisClient, register  # noqa: E402
 from deris.outputs import write_prediction_files  # noqa: E402
 from deris.prediction import Prediction  # noqa: E402
 from deris.predictor import Predictor  # noqa: E402
-
+from deris.triton_repo.client import ClientError, DerisClient, register  # noqa: E402
 
 PROTOCOLS = ("http", "grpc")
 SCORE_ATOL = 1e-5
@@ -67,7 +69,7 @@ def assert_same(served: Prediction, local: Prediction) -> None:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_matches_local_predictor(triton_server: Any, local_predictor: Any, protocol: str) -> None:
     with DerisClient(url(triton_server, protocol), protocol) as client:
-        for name, data in IMAGES.items():
+        for data in IMAGES.values():
             for text in TEXTS:
                 served = client.predict(data, text)
                 assert served.score_threshold == local_predictor.score_threshold
@@ -333,3 +335,148 @@ def test_bundled_server_refuses_onnxruntime_models(tiny_export: TinyExport, tmp_
     repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "repo", "onnxruntime", spm_path=tiny_export.spm)
     with pytest.raises(ServerError, match="has onnxruntime_onnx models, .* bundled in nvidia-pytriton has only the python backend"):
         TritonServer(repo).start()
+
+
+# --- stopping `deris serve` (docs/serving.md, "Stopping the server") ------------------------------------
+
+
+def slow_image() -> bytes:
+    """24 megapixels of flat colour: 80 kB on the wire, but about 0.7 s for the server to decode and
+    resize, so that concurrent requests queue up and are still in flight when the stop begins."""
+    image = np.zeros((4000, 6000, 3), np.uint8)
+    image[:, :3000] = (200, 40, 40)
+    image[1333:, 2000:] = (30, 160, 220)
+    return encode(image)
+
+
+def wait_for_line(log_path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, f"no {text!r} in:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+@contextmanager
+def serving(repo: Path, log_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    """`deris serve` in a process of its own, once ready: the process and its {protocol: URL}."""
+    urls = {protocol: f"127.0.0.1:{free_port()}" for protocol in PROTOCOLS}
+    ports = [a for protocol in PROTOCOLS for a in (f"--{protocol}-port", urls[protocol].rsplit(":", 1)[1])]
+    with open(log_path, "w") as log:  # the child has its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, "serve", "--repo", str(repo), *ports, *args],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(log_path, "ready in", process)
+        yield process, urls
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def assert_clean_stop(log: str) -> None:
+    """No sign in the log that the server or the python stubs were stopped before they were done."""
+    for sign in ("Exit timeout expired", "Non-graceful termination", "stopping anyway"):
+        assert sign not in log, log[-3000:]
+
+
+def test_serve_command_sigterm_lets_in_flight_requests_finish(python_repo: Path, tmp_path: Path) -> None:
+    """SIGTERM with requests in flight over HTTP and gRPC: each gets the answer the same request got
+    before the stop, a request sent after the signal is refused, and `deris serve` exits 0 once the
+    models are unloaded.
+
+    (Signalled directly, tritonserver 2.51 fails or hangs the in-flight gRPC ensemble requests.)"""
+    image = slow_image()
+    jobs = [(protocol, f"{text} {i}") for i, text in enumerate(TEXTS[:2]) for protocol in PROTOCOLS]
+    log_path = tmp_path / "serve.log"
+    with serving(python_repo, log_path) as (process, urls):
+        # The answers without a stop (equal to the local predictor's: test_matches_local_predictor).
+        with DerisClient(urls["grpc"], "grpc") as client:
+            expected = {text: client.predict(image, text) for _, text in jobs}
+        barrier = threading.Barrier(len(jobs))
+
+        def one(job: tuple[str, str]) -> tuple[Prediction, float]:
+            protocol, text = job
+            with DerisClient(urls[protocol], protocol) as client:
+                client.default_thresholds()  # read now: the stop makes the ensemble's config unavailable
+                barrier.wait()
+                return client.predict(image, text), time.monotonic()
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(one, job) for job in jobs]
+            # Once the first answer is back, the other requests have long been sent and are in flight.
+            wait(futures, return_when=FIRST_COMPLETED)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            wait_for_line(log_path, "new requests to deris are refused", process)
+            with pytest.raises(ClientError, match="unknown model: 'deris'"):
+                with DerisClient(urls["grpc"], "grpc") as late:
+                    late.predict(image, "a late request")
+            results = [future.result() for future in futures]
+        code = process.wait(60)
+    log = log_path.read_text()
+    assert code == 0, log[-3000:]
+    finished_after = sum(end > signalled for _, end in results)
+    assert finished_after >= len(jobs) - 1, f"only {finished_after} of {len(jobs)} requests were still in flight at the signal"
+    for (_, text), (served, _) in zip(jobs, results):
+        assert_same(served, expected[text])
+    assert "every request in flight was answered" in log and "deris serve: stopped cleanly" in log
+    assert_clean_stop(log)
+
+
+def test_serve_command_sigterm_with_idle_keep_alive_connections(python_repo: Path, tmp_path: Path) -> None:
+    """Idle HTTP keep-alive connections and gRPC channels do not hold up the stop: `deris serve` exits 0
+    within seconds and the connections are closed. (Signalled directly, tritonserver would wait its
+    whole exit timeout for the HTTP connection, then exit 1 without unloading the models.)"""
+    repo = tmp_path / "repo"
+    shutil.copytree(python_repo / "round_0", repo / "round_0")
+    log_path = tmp_path / "serve.log"
+    with serving(repo, log_path, "--exit-timeout", "30") as (process, urls):
+        http = httpclient.InferenceServerClient(urls["http"])
+        grpc = grpcclient.InferenceServerClient(urls["grpc"])
+        try:
+            assert http.is_server_ready() and grpc.is_server_ready()  # each now holds an idle connection
+            start = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(60)
+            elapsed = time.monotonic() - start
+        finally:
+            http.close()
+            grpc.close()
+    log = log_path.read_text()
+    assert code == 0, log[-3000:]
+    assert elapsed < 10, f"the stop took {elapsed:.1f} s"
+    assert re.search(r"Found \d+ HTTP service connections", log), "the idle HTTP connection was not open at the stop"
+    assert_clean_stop(log)
+
+
+def test_serve_command_sigterm_past_the_exit_timeout(python_repo: Path, tmp_path: Path) -> None:
+    """Requests still in flight after --exit-timeout fail, and `deris serve` says so and exits 1, in
+    bounded time."""
+    from deris.triton_repo.server import _EXIT_GRACE_S
+
+    image = slow_image()
+    log_path = tmp_path / "serve.log"
+    with serving(python_repo, log_path, "--exit-timeout", "1") as (process, urls):
+
+        def one(i: int) -> str:
+            with DerisClient(urls["grpc"], "grpc", timeout=30) as client:
+                try:
+                    client.predict(image, f"{TEXTS[0]} {i}")
+                except ClientError as exc:
+                    return str(exc)
+                return "answered"
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(one, i) for i in range(6)]
+            wait(futures, return_when=FIRST_COMPLETED)
+            start = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(60)
+            elapsed = time.monotonic() - start
+            outcomes = [future.result() for future in futures]
+    log = log_path.read_text()
+    assert code == 1, log[-3000:]
+    assert elapsed < 1 + _EXIT_GRACE_S + 5, f"the stop took {elapsed:.1f} s"
+    assert "stopping anyway: after the exit timeout (1 s), deris still had requests in flight, which fail" in log
+    assert "deris serve: the stop was not clean" in log
+    assert outcomes.count("answered") < len(outcomes), outcomes

@@ -28,13 +28,14 @@ control, restricted to a per-run key):
 3. SIGTERM tritonserver, whose own exit timeout is then only a short linger for idle HTTP
    keep-alive connections, which it closes (they never close by themselves).
 
-Readiness is polled with a client that is closed after each poll, so that it is no idle connection.
+Readiness is polled with a client that is closed after each poll, so that it leaves no idle connection.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import re
 import secrets
@@ -45,17 +46,21 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 from deris.cli_support import EXIT_CHECK_FAILED, EXIT_OK, ToolError, add_command, add_quiet
+
+if TYPE_CHECKING:  # imported where used: `deris --help` must not wait for tritonclient
+    from tritonclient.http import InferenceServerClient
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HOST = "127.0.0.1"
-# The most seconds a stop takes, from the signal to the exit: draining the requests in flight,
-# unloading the models and tritonserver's own exit. Below Kubernetes' default grace period (30 s).
+# The seconds a stop gives the requests in flight and the model unloading; with _EXIT_GRACE_S on
+# top, still under Kubernetes' default grace period (30 s).
 DEFAULT_EXIT_TIMEOUT_S = 20.0
 # tritonserver's own --exit-timeout-secs. By the time it gets SIGTERM from stop() nothing is in flight
 # and no model is loaded, so all it waits for is idle HTTP keep-alive connections, which only its
@@ -121,7 +126,7 @@ class TritonServer:
     ``binary``: a ``tritonserver`` to run; by default the one on PATH, else the bundled one.
     ``log``: where the server's stdout/stderr go (a file object); None means inherit (the terminal).
     ``extra_args`` are appended to the server's command line (e.g. ``--backend-config=...``).
-    ``exit_timeout``: the most seconds :meth:`stop` takes (drain, unload, exit) before it kills the server.
+    ``exit_timeout``: the seconds :meth:`stop` gives the requests in flight and the unloading.
     """
 
     def __init__(
@@ -266,19 +271,24 @@ class TritonServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
-    def wait(self) -> int:
+    def wait(self, timeout: float | None = None) -> int | None:
+        """tritonserver's exit code once it has exited; None if it still runs after ``timeout`` s."""
         if self.process is None:
             raise ServerError("the server was not started")
-        return self.process.wait()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self) -> int | None:
         """Stop gracefully; return tritonserver's exit code (None if it was never started).
 
         Once the server was ready: new requests are refused at once, the requests in flight finish,
         the models are unloaded, then tritonserver exits and closes idle keep-alive connections (see
-        the module docstring). All within ``exit_timeout`` s: what is still in flight then fails,
-        tritonserver exits 1, and it is killed if it has not exited ``_EXIT_GRACE_S`` s later. A
-        server that was not ready yet just gets SIGTERM. What happens is reported on the log.
+        the module docstring). The drain gets ``exit_timeout`` s: what is still in flight then fails
+        and tritonserver exits 1 (it is killed if it has not exited by the deadline, or
+        ``_EXIT_GRACE_S`` s after the signal if that is later). A server that was not ready yet just
+        gets SIGTERM. Each step is reported on the log.
         """
         try:
             if self.process is None:
@@ -314,30 +324,41 @@ class TritonServer:
         import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
 
-        headers = {STOP_KEY_HEADER: self._stop_key}
         try:
             # Closed before tritonserver is signalled: an open connection would hold up its exit.
             with httpclient.InferenceServerClient(self.http_url, network_timeout=self.exit_timeout) as client:
-                loaded = [m["name"] for m in client.get_model_repository_index(headers=headers) if m.get("state") == "READY"]
+                loaded = [m["name"] for m in self._index(client) if m.get("state") == "READY"]
                 steps = {step["model_name"] for name in loaded
                          for step in client.get_model_config(name).get("ensemble_scheduling", {}).get("step", [])}
                 entries = [name for name in loaded if name not in steps]
-                self._say(f"stopping: {', '.join(entries)} refuse new requests; the requests in flight get "
+                self._unload(client, entries)
+                self._say(f"stopping: new requests to {', '.join(entries)} are refused; the requests in flight get "
                           f"up to {self.exit_timeout:g} s to finish")
-                for models, what in ((entries, "requests in flight"), ([n for n in loaded if n in steps], "requests")):
-                    for name in models:
-                        client.unload_model(name, headers=headers)
-                    while busy := [m["name"] for m in client.get_model_repository_index(headers=headers)
-                                   if m["name"] in models and m.get("state") in ("READY", "UNLOADING")]:
-                        if time.monotonic() >= deadline:
-                            self._say(f"{', '.join(busy)} still had {what} after the exit timeout "
-                                      f"({self.exit_timeout:g} s); stopping anyway, so they fail")
-                            return False
-                        time.sleep(_POLL_S)
+                if not self._wait_unloaded(client, entries, deadline, "still had requests in flight, which fail"):
+                    return False
+                composing = [name for name in loaded if name in steps]
+                self._unload(client, composing)
+                return self._wait_unloaded(client, composing, deadline, "had not unloaded")
         except (InferenceServerException, OSError, http.client.HTTPException) as exc:
-            # Typically tritonserver exited meanwhile (a second Ctrl-C, a crash): its exit code tells how.
-            self._say(f"draining stopped: {type(exc).__name__}: {exc}")
+            self._say(f"draining stopped, tritonserver exited or stopped answering: {type(exc).__name__}: {exc}")
             return False
+
+    def _index(self, client: InferenceServerClient) -> list[dict[str, Any]]:
+        index: list[dict[str, Any]] = client.get_model_repository_index(headers={STOP_KEY_HEADER: self._stop_key})
+        return index
+
+    def _unload(self, client: InferenceServerClient, models: list[str]) -> None:
+        for name in models:
+            client.unload_model(name, headers={STOP_KEY_HEADER: self._stop_key})
+
+    def _wait_unloaded(self, client: InferenceServerClient, models: list[str], deadline: float, failure: str) -> bool:
+        """Wait until ``models`` are unloaded: an unloading model is not ready, but stays UNLOADING
+        until its last request is done. False (reported with ``failure``) at ``deadline``."""
+        while busy := [m["name"] for m in self._index(client) if m["name"] in models and m.get("state") in ("READY", "UNLOADING")]:
+            if time.monotonic() >= deadline:
+                self._say(f"stopping anyway: after the exit timeout ({self.exit_timeout:g} s), {', '.join(busy)} {failure}")
+                return False
+            time.sleep(_POLL_S)
         return True
 
     def _say(self, message: str) -> None:
@@ -358,22 +379,40 @@ class TritonServer:
         self.stop()
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "serve", run=run_serve,
         help="serve a Triton model repository (from `deris-export triton-repo`)",
         description="Run tritonserver on a repository made by `deris-export triton-repo`: the tritonserver on "
         "PATH if there is one, else the one bundled in nvidia-pytriton (python-backend repositories only). "
-        "Waits until every model is loaded, then runs until Ctrl-C or SIGTERM and exits with the server's code. "
-        "On SIGTERM the server stops taking new requests, finishes the ones in flight and exits "
-        "(docs/deployment.md, \"Stopping the server\").",
-        examples="  deris serve --repo repo/ --http-port 8000 --grpc-port 8001",
+        "Waits until every model is loaded, then runs until Ctrl-C or SIGTERM. On either, new requests are "
+        "refused and readiness goes false at once, the requests in flight finish (for at most --exit-timeout "
+        "seconds), the models are unloaded and the server exits, closing idle keep-alive connections; a second "
+        "signal stops it without waiting. Exits 0 when every request in flight was answered, 1 when the server "
+        "failed or a stop abandoned requests (docs/serving.md, \"Stopping the server\").",
+        examples="  deris serve --repo repo/ --http-port 8000 --grpc-port 8001\n"
+        "  deris serve --repo repo/ --host 0.0.0.0 --exit-timeout 45   # terminationGracePeriodSeconds: 60",
     )
     p.add_argument("--repo", type=Path, required=True, help="model repository directory")
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"HTTP port (default {DEFAULT_HTTP_PORT})")
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 for every interface)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load (default 300)")
+    p.add_argument("--exit-timeout", type=_seconds, default=DEFAULT_EXIT_TIMEOUT_S, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, the seconds the requests in flight and the model unloading get before "
+                   f"the server is stopped anyway (and killed {_EXIT_GRACE_S:g} s later at most); keep it more than "
+                   f"{_EXIT_GRACE_S:g} s under the platform's kill timeout (default {DEFAULT_EXIT_TIMEOUT_S:g})")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, e.g. --server-arg=--backend-config=tensorrt,plugins=/p.so (repeatable)")
     add_quiet(p)
@@ -381,27 +420,47 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     extra = list(args.server_arg) + (["--log-info=false"] if args.quiet else [])
-    server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host, extra_args=extra)
+    server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host,
+                          extra_args=extra, exit_timeout=args.exit_timeout)
     server.start()
 
-    interrupted = False
+    signals: list[int] = []
+    serving = False
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupted
-        interrupted = True
-        server.send_signal(signum)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)
+        # While loading nothing can be in flight, and a second signal asks not to wait: either way
+        # tritonserver stops on its own. Otherwise the main thread drains it (TritonServer.stop).
+        if not serving or len(signals) > 1:
+            server.send_signal(signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             seconds = server.wait_ready(args.ready_timeout)
         except ServerError:
-            if interrupted:  # stopped on request while the models were loading
-                return server.wait()
+            if signals:  # stopped on request while the models were loading: nothing was served
+                server.wait()
+                print("deris serve: stopped while the models were loading", file=sys.stderr, flush=True)
+                return EXIT_OK
             raise
+        serving = True
         print(f"deris serve: ready in {seconds:.1f} s; HTTP {server.http_url}, gRPC {server.grpc_url} "
               f"(Ctrl-C stops)", file=sys.stderr, flush=True)
-        return server.wait()
+        # Polled, not waited for: the signal handler only records the signal for this loop to see.
+        while not signals and (code := server.wait(_POLL_S)) is None:
+            pass
+        if not signals:
+            print(f"deris serve: tritonserver exited by itself with code {code}", file=sys.stderr, flush=True)
+            return EXIT_OK if code == 0 else EXIT_CHECK_FAILED
+        start = time.monotonic()
+        code = server.stop()
+        if code == 0:
+            print(f"deris serve: stopped cleanly in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+            return EXIT_OK
+        print(f"deris serve: the stop was not clean (tritonserver exited with code {code}); see the lines above",
+              file=sys.stderr, flush=True)
+        return EXIT_CHECK_FAILED
     finally:
         server.stop()
         for s, handler in previous.items():
