@@ -26,8 +26,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -101,6 +101,12 @@ def mask_pool_case(shape: Shape, dtype: torch.dtype, device: torch.device, copie
 
     return Case("mask_pool", shape, dtype, [one_copy() for _ in range(copies)], (0, 1),
                 kernels.mask_pool_reference, kernels.mask_pool_triton, MASKS, (shape.batch, MASKS, MASK_CHANNELS))
+
+
+def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, copies: int) -> Case:
+    if op == "mask_pool":
+        return mask_pool_case(shape, dtype, device, copies)
+    return msda_case(shape, dtype, device, copies, fused=op == "msda_fused")
 
 
 @dataclass
@@ -272,16 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         for dtype in dtypes:
             for op in args.ops:
-                def build(copies: int) -> Case:
-                    if op == "mask_pool":
-                        return mask_pool_case(shape, dtype, device, copies)
-                    return msda_case(shape, dtype, device, copies, fused=op == "msda_fused")
                 try:
                     # One copy first: its size says how many copies keep the inputs out of L2.
-                    case = build(1)
+                    case = build_case(op, shape, dtype, device, 1)
                     extra = copies_needed(tensors_bytes(case.args[0]), device) - 1
                     if extra:
-                        case.args += build(extra).args
+                        case.args += build_case(op, shape, dtype, device, extra).args
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"skipped {op} {dtype} batch {shape.batch} at {shape.pixels} px: inputs do not fit",
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "# deris kernel benchmark",
         "",
         f"- device: {device_name}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- torch {torch.__version__}, triton {triton_version}",
         f"- copy bandwidth (read + write): {copy_gbs:.0f} GB/s",
         f"- median of {iters} calls after {warmup} warm-up calls",

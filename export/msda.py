@@ -12,17 +12,20 @@ Two representations (``--msda``):
 In both representations MSDA computes in float32 (coordinates included) whatever the graph's
 precision: an fp16 graph casts around it.
 
-The model's pixel decoder calls ``deris.kernels.ms_deform_attn_fused``; :func:`msda_representation`
-points that name at one of the implementations below for the duration of an export, then puts the
-original back. Running a ``trt-plugin`` graph on CPU needs :func:`plugin_session_options`, which
-registers an onnxruntime-extensions kernel that computes the node with the project's reference.
+The model's deformable layers call ``deris.kernels.ms_deform_attn_fused`` unless
+:func:`deris.modeling.pixel_decoder.msda_function` names another function for the current context;
+:func:`msda_representation` uses that to swap in one of the implementations below for an export,
+in the exporting thread only (the dynamo exporter traces in the calling thread). Running a
+``trt-plugin`` graph on CPU needs :func:`plugin_session_options`, which registers an
+onnxruntime-extensions kernel that computes the node with the project's reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +36,7 @@ from deris.kernels.ms_deform_attn import (
     ms_deform_attn_reference,
     sampling_inputs,
 )
+from deris.modeling.pixel_decoder import msda_function
 
 MSDA_MODES = ("gridsample", "trt-plugin")
 PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
@@ -115,16 +119,10 @@ _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {"gridsample": _grids
 
 @contextlib.contextmanager
 def msda_representation(mode: str) -> Iterator[None]:
-    """Within the block, the pixel decoder's deformable layers compute MSDA as ``mode`` exports it
-    (plain PyTorch for every other kernel); the previous function comes back afterwards."""
-    implementation = _IMPLEMENTATIONS[check_msda_mode(mode)]
-    original = kernels.ms_deform_attn_fused
-    kernels.ms_deform_attn_fused = implementation
-    try:
-        with kernels.backend("torch"):
-            yield
-    finally:
-        kernels.ms_deform_attn_fused = original
+    """Within the block, deformable layers run in this context compute MSDA as ``mode`` exports it,
+    and every other kernel call takes the plain-PyTorch path. Other threads are unaffected."""
+    with msda_function(_IMPLEMENTATIONS[check_msda_mode(mode)]), kernels.backend("torch"):
+        yield
 
 
 @functools.cache
@@ -164,7 +162,7 @@ def custom_translation_table(mode: str) -> dict[Any, Callable[..., Any]]:
     _register_plugin_schema()
     trt = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
 
-    def plugin_node(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):  # type: ignore[no-untyped-def]
+    def plugin_node(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         return getattr(trt, PLUGIN_OP)(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **PLUGIN_ATTRIBUTES
         )
@@ -178,12 +176,13 @@ def _register_ort_kernel() -> None:
 
     @onnx_op(
         op_type=f"{PLUGIN_DOMAIN}::{PLUGIN_OP}",
-        inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
+        inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_float,
+                PyCustomOpDef.dt_float],
         outputs=[PyCustomOpDef.dt_float],
         # Declared attributes must be present on every node; the exporter always writes both.
         attrs={name: PyCustomOpDef.dt_string for name in PLUGIN_ATTRIBUTES},
     )
-    def _plugin_on_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **_attrs):  # type: ignore[no-untyped-def]
+    def _plugin_on_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **_attrs):
         with torch.inference_mode():
             out = msda_trt_plugin(
                 torch.from_numpy(value), torch.from_numpy(spatial_shapes), torch.from_numpy(level_start_index),

@@ -7,9 +7,15 @@
 Each public function runs either the PyTorch reference ("torch") or the Triton kernels
 ("triton"). The backend is, in order of precedence:
 
-1. the process-wide override of :func:`set_backend` (or the :func:`backend` context manager);
-2. the environment variable ``DERIS_KERNELS=torch|triton``, read at every call;
-3. Triton for CUDA tensors when Triton is installed, the reference otherwise (CPU tensors).
+1. the :func:`backend` context manager: it holds for the current context only (this thread, or
+   this asyncio task), so an export forcing "torch" leaves a predictor in another thread alone;
+2. the process-wide default of :func:`set_backend` (for scripts and command lines), which every
+   thread sees;
+3. the environment variable ``DERIS_KERNELS=torch|triton``, read at every call;
+4. Triton for CUDA tensors when Triton is installed, the reference otherwise (CPU tensors).
+
+Under ``torch.compile`` the choice is made when the function is traced: a :func:`backend` block
+entered later does not retrace it (the process default and the environment variable do).
 
 Triton on CPU tensors runs through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in
 the environment before deris is imported (Triton reads it when the kernels are defined).
@@ -19,8 +25,9 @@ Importing this package never needs Triton; asking for the Triton backend without
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -37,7 +44,10 @@ from .ms_deform_attn import (
 BACKENDS = ("torch", "triton")
 ENV_VAR = "DERIS_KERNELS"
 
-_override: str | None = None
+# A new thread starts with an empty context (Python does not copy the parent's), so a block
+# entered in one thread is invisible to every other: that is the point.
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("deris_kernels_backend", default=None)
+_process_backend: str | None = None
 
 
 def _check_backend_name(name: str, where: str) -> str:
@@ -47,29 +57,41 @@ def _check_backend_name(name: str, where: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Force every kernel call in this process onto ``"torch"`` or ``"triton"``; ``None`` clears it.
+    """Process-wide default: every thread's kernel calls run on ``"torch"`` or ``"triton"``; ``None`` clears it.
 
-    The override beats the ``DERIS_KERNELS`` environment variable.
+    Beats the ``DERIS_KERNELS`` environment variable; a :func:`backend` block beats it in its context.
     """
-    global _override
-    _override = None if name is None else _check_backend_name(name, "set_backend")
+    global _process_backend
+    _process_backend = None if name is None else _check_backend_name(name, "set_backend")
 
 
 @contextlib.contextmanager
 def backend(name: str | None) -> Iterator[None]:
-    """``with backend("torch"): ...`` — :func:`set_backend` for a block; the previous override comes back after."""
-    previous = _override
-    set_backend(name)
+    """``with backend("torch"): ...`` — kernel calls made in this context (thread or asyncio task) use ``name``.
+
+    ``None`` lifts an enclosing block's choice for the inner block. Other threads, and threads
+    started inside the block, are unaffected (run them under ``contextvars.copy_context()`` to
+    carry the choice over).
+    """
+    token = _context_backend.set(None if name is None else _check_backend_name(name, "backend"))
     try:
         yield
     finally:
-        set_backend(previous)
+        _context_backend.reset(token)
+
+
+@torch.compiler.assume_constant_result
+def _context_choice() -> str | None:
+    # torch.compile cannot trace ContextVar.get: it calls this once while tracing and keeps the
+    # result as a constant, so a compiled function keeps the backend() choice it was traced under.
+    return _context_backend.get()
 
 
 def select_backend(device: torch.device) -> str:
     """The backend a call with tensors on ``device`` uses now (see the module docstring)."""
-    if _override is not None:
-        return _override
+    chosen = _context_choice() or _process_backend
+    if chosen is not None:
+        return chosen
     requested = os.environ.get(ENV_VAR, "")
     if requested:  # empty counts as unset
         return _check_backend_name(requested, f"environment variable {ENV_VAR}")
@@ -96,8 +118,8 @@ def ms_deform_attn(
         [B, Q, H * D] in value's dtype: sum over (l, p) of weight * bilinear sample of level l at
         the location (grid_sample with zero padding and align_corners=False).
 
-    Dtypes: float32, float16 or bfloat16. The Triton backend samples and accumulates in float32
-    and accepts a different float dtype per tensor; the reference wants one dtype. Both are
+    Dtypes: float32, float16 or bfloat16, each tensor its own. The Triton backend samples and
+    accumulates in float32; the reference computes in the widest of the three dtypes. Both are
     differentiable in value, sampling_locations and attention_weights.
     """
     if select_backend(value.device) == "triton":

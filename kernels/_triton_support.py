@@ -1,10 +1,18 @@
-"""What the Triton launchers share: the optional import, the interpreter check, input checks.
+"""What the Triton launchers share: the optional import, the interpreter check, input checks,
+and :func:`launch`, through which every kernel launch goes.
 
 Triton is optional: without it this module still imports, ``jit`` leaves the kernels as plain
 (never launched) functions, and :func:`require_triton` explains why the Triton backend is missing.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,3 +72,81 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
     return next(iter(devices.values()))
+
+
+def check_deterministic(op: str, device: torch.device) -> None:
+    """Honour ``torch.use_deterministic_algorithms`` for a backward that scatters with atomics.
+
+    On a GPU, atomics add in whatever order the programs run, so such a gradient changes in its
+    last bits from run to run. (The interpreter runs programs one after another: deterministic.)
+    """
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{op}: the Triton backward adds the value gradient with atomics, which is not deterministic "
+               "on a GPU, and torch.use_deterministic_algorithms(True) is set; leave value out of the gradient, "
+               "or pass warn_only=True to accept it")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher asks for it: grid, positional arguments, keyword meta-parameters."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Planner:
+    multiprocessors: int
+    record: Callable[[Launch], None]
+
+
+_planner: contextvars.ContextVar[_Planner | None] = contextvars.ContextVar("deris_kernels_planner", default=None)
+
+
+@contextlib.contextmanager
+def planning_only(record: Callable[[Launch], None], multiprocessors: int) -> Iterator[None]:
+    """Within the block (this context only), launches are handed to ``record`` instead of running,
+    and launchers size their grids for a GPU with ``multiprocessors`` SMs.
+
+    With meta tensors this runs the launchers on any machine: it is how the kernels are compiled
+    ahead of time, at the very configurations a launch would use, without a GPU.
+    """
+    token = _planner.set(_Planner(multiprocessors, record))
+    try:
+        yield
+    finally:
+        _planner.reset(token)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SM count of the GPU a launch is for (the planned one inside :func:`planning_only`)."""
+    planner = _planner.get()
+    if planner is not None:
+        return planner.multiprocessors
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for a block (nothing for other devices).
+
+    Triton launches on the current CUDA device, whatever the tensors' device: without the guard a
+    kernel given tensors on cuda:1 would run on cuda:0.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
+    """``kernel[grid](*args, **meta)`` on the device of its first tensor argument."""
+    planned = Launch(kernel, tuple(grid), args, meta)
+    planner = _planner.get()
+    if planner is not None:
+        planner.record(planned)
+        return
+    with device_guard(next(arg.device for arg in args if isinstance(arg, torch.Tensor))):
+        kernel[planned.grid](*args, **meta)

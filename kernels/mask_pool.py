@@ -14,7 +14,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton_support import INTERPRETING, check_float, check_same_device, check_shape, jit, require_triton, tl, triton
+from ._triton_support import (
+    INTERPRETING,
+    check_float,
+    check_same_device,
+    check_shape,
+    jit,
+    launch,
+    multiprocessors,
+    require_triton,
+    tl,
+    triton,
+)
 
 
 def mask_pool_reference(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -188,18 +199,25 @@ def _mask_pool_grad_features_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _mask_pool_blocks(num_masks: int, channels: int, num_cells: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, BLOCK_K); tl.dot needs every block dimension to be at least 16."""
+def mask_pool_launch_config(num_masks: int, channels: int, num_cells: int,
+                            interpreting: bool = INTERPRETING) -> dict[str, int]:
+    """BLOCK_N, BLOCK_C, BLOCK_K, num_warps and num_stages of every mask-pooling launch.
+
+    tl.dot needs every block dimension to be at least 16. ``interpreting`` asks for the
+    configuration of Triton's interpreter instead of a GPU's (see msda_forward_config).
+    """
     def fit(size: int, cap: int) -> int:
         return max(16, min(triton.next_power_of_2(size), cap))
 
-    if INTERPRETING:
+    if interpreting:
         # The interpreter runs programs one after another at a roughly fixed cost each: cover
         # everything in as few programs (and loop steps) as reasonable.
-        return fit(num_masks, 256), fit(channels, 256), fit(num_cells, 256)
-    # ptxas (sm_90, fp32, 4 warps): 32 x 64 x 32 blocks compile to at most 153 registers without
-    # spills; BLOCK_N = 64 spills in the logits gradient. Not yet tuned on hardware.
-    return fit(num_masks, 32), fit(channels, 64), 32
+        blocks = fit(num_masks, 256), fit(channels, 256), fit(num_cells, 256)
+    else:
+        # ptxas (sm_90, fp32, 4 warps): 32 x 64 x 32 blocks compile to at most 153 registers without
+        # spills; BLOCK_N = 64 spills in the logits gradient. Not yet tuned on hardware.
+        blocks = fit(num_masks, 32), fit(channels, 64), 32
+    return dict(zip(("BLOCK_N", "BLOCK_C", "BLOCK_K"), blocks), num_warps=4, num_stages=1)
 
 
 def _cell_splits(programs: int, num_cells: int, block_k: int, device: torch.device) -> int:
@@ -210,8 +228,7 @@ def _cell_splits(programs: int, num_cells: int, block_k: int, device: torch.devi
     """
     if INTERPRETING:  # programs run one after another: splitting only adds work
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(num_cells, block_k)))
+    return max(1, min(triton.cdiv(2 * multiprocessors(device), programs), triton.cdiv(num_cells, block_k)))
 
 
 class _MaskPoolTriton(torch.autograd.Function):
@@ -220,16 +237,16 @@ class _MaskPoolTriton(torch.autograd.Function):
         batch, num_masks, height, width = mask_logits.shape
         channels = features.shape[1]
         cells_w, num_cells = width // 4, (height // 4) * (width // 4)
-        block_n, block_c, block_k = _mask_pool_blocks(num_masks, channels, num_cells)
-        tiles = triton.cdiv(num_masks, block_n) * triton.cdiv(channels, block_c)
+        config = mask_pool_launch_config(num_masks, channels, num_cells)
+        block_k = config["BLOCK_K"]
+        tiles = triton.cdiv(num_masks, config["BLOCK_N"]) * triton.cdiv(channels, config["BLOCK_C"])
         splits = _cell_splits(tiles * batch, num_cells, block_k, features.device)
         cells_per_split = triton.cdiv(triton.cdiv(num_cells, splits), block_k) * block_k
         splits = triton.cdiv(num_cells, cells_per_split)
         # Partial sums per split, added in a fixed order afterwards: deterministic, unlike atomics.
         partial = torch.empty(splits, batch, num_masks, channels, dtype=torch.float32, device=features.device)
-        _mask_pool_forward_kernel[(tiles, splits, batch)](
-            mask_logits, features, partial, num_masks, channels, height, width, cells_w, num_cells, cells_per_split,
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_stages=1)
+        launch(_mask_pool_forward_kernel, (tiles, splits, batch), mask_logits, features, partial, num_masks, channels,
+               height, width, cells_w, num_cells, cells_per_split, **config)
         ctx.save_for_backward(mask_logits, features)
         return partial.sum(dim=0).to(features.dtype)
 
@@ -240,20 +257,21 @@ class _MaskPoolTriton(torch.autograd.Function):
         batch, num_masks, height, width = mask_logits.shape
         channels = features.shape[1]
         cells_w, num_cells = width // 4, (height // 4) * (width // 4)
-        block_n, block_c, block_k = _mask_pool_blocks(num_masks, channels, num_cells)
+        config = mask_pool_launch_config(num_masks, channels, num_cells)
+        cell_blocks = triton.cdiv(num_cells, config["BLOCK_K"])
         grad_out = grad_out.contiguous()
         sizes = (num_masks, channels, height, width, cells_w, num_cells)
-        blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_stages=1)
+        # Each gradient element is written by exactly one program: no atomics, deterministic.
         grad_logits = grad_features = None
         if ctx.needs_input_grad[0]:
             # Only the 2x2 centre of each 4x4 cell reaches the downsampled logits.
             grad_logits = torch.zeros_like(mask_logits)
-            grid = (triton.cdiv(num_cells, block_k), triton.cdiv(num_masks, block_n), batch)
-            _mask_pool_grad_logits_kernel[grid](mask_logits, features, grad_out, grad_logits, *sizes, **blocks)
+            launch(_mask_pool_grad_logits_kernel, (cell_blocks, triton.cdiv(num_masks, config["BLOCK_N"]), batch),
+                   mask_logits, features, grad_out, grad_logits, *sizes, **config)
         if ctx.needs_input_grad[1]:
             grad_features = torch.empty_like(features)
-            grid = (triton.cdiv(num_cells, block_k), triton.cdiv(channels, block_c), batch)
-            _mask_pool_grad_features_kernel[grid](mask_logits, grad_out, grad_features, *sizes, **blocks)
+            launch(_mask_pool_grad_features_kernel, (cell_blocks, triton.cdiv(channels, config["BLOCK_C"]), batch),
+                   mask_logits, grad_out, grad_features, *sizes, **config)
         return grad_logits, grad_features
 
 

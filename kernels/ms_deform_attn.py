@@ -21,19 +21,37 @@ softmax and the location arithmetic of :func:`sampling_inputs`), with autograd b
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._triton_support import INTERPRETING, check_float, check_same_device, check_shape, jit, require_triton, tl, triton
+from ._triton_support import (
+    INTERPRETING,
+    check_deterministic,
+    check_float,
+    check_same_device,
+    check_shape,
+    jit,
+    launch,
+    require_triton,
+    tl,
+    triton,
+)
 
 SpatialShapes = torch.Tensor | Sequence[tuple[int, int]]
 
 
 def as_shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
-    """Level sizes as Python ints (static under tracing and export)."""
+    """Level sizes as Python ints (static under tracing and export).
+
+    Reading a CUDA tensor's values waits for the device: callers that care (the pixel decoder,
+    anything captured in a CUDA graph) pass Python ints.
+    """
     if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("spatial_shapes is a CUDA tensor, whose values cannot be read during CUDA graph "
+                             "capture; pass the level sizes as a sequence of (height, width) ints")
         return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
@@ -45,23 +63,31 @@ def ms_deform_attn_reference(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Plain-PyTorch MSDA (grid_sample per level). ``level_start_index`` is implied by the shapes."""
+    """Plain-PyTorch MSDA: one grid_sample per level for all heads, then one batched contraction.
+
+    ``level_start_index`` is implied by the shapes and not read. Computes in the widest dtype of
+    the three float inputs (so float32 locations keep their precision next to float16 values) and
+    returns value's dtype. Exportable as ONNX GridSample + MatMul, and differentiable.
+    """
     shapes = as_shape_list(spatial_shapes)
     batch, _, heads, head_dim = value.shape
-    _, num_queries, _, levels, points, _ = sampling_locations.shape
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for level, (h, w) in enumerate(shapes):
-        # [B, h*w, H, D] -> [B*H, D, h, w]
-        value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
-        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [B*H, 1, Q, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
-    return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
+    queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    # Every (image, head) pair is one channel-first image for grid_sample: [B*H, D, S].
+    images = value.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
+    # grid_sample addresses [-1, 1]; with align_corners=False that maps onto [0, 1] linearly.
+    grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).reshape(batch * heads, queries, levels, points, 2)
+    level_images = images.split([height * width for height, width in shapes], dim=-1)
+    # [B*H, D, Q, L*P]: the bilinear sample of every (level, point), levels side by side.
+    samples = torch.cat([
+        F.grid_sample(image.unflatten(-1, size), grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                      align_corners=False)
+        for level, (image, size) in enumerate(zip(level_images, shapes))
+    ], dim=-1)
+    # out[n, q, d] = sum over k = (level, point) of samples[n, d, q, k] * weights[n, q, k].
+    weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, queries, levels * points)
+    out = torch.einsum("ndqk,nqk->nqd", samples, weights)
+    return out.unflatten(0, (batch, heads)).transpose(1, 2).reshape(batch, queries, heads * head_dim).to(value.dtype)
 
 
 def sampling_inputs(
@@ -75,13 +101,20 @@ def sampling_inputs(
     reference_points   [B, Q, L, 2]          normalised (x, y) per level
     sampling_offsets   [B, Q, H, L, P, 2]    in pixels of each level
     attention_logits   [B, Q, H, L * P]      before the softmax over (L, P)
-    -> sampling_locations [B, Q, H, L, P, 2], attention_weights [B, Q, H, L, P]
+    -> sampling_locations [B, Q, H, L, P, 2] in the wider dtype of the first two,
+       attention_weights  [B, Q, H, L, P]    in the logits' dtype
     """
     shapes = as_shape_list(spatial_shapes)
     batch, queries, heads, levels, points, _ = sampling_offsets.shape
-    # Offsets are in pixels: x is normalised by the level's width, y by its height.
-    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=sampling_offsets.dtype, device=sampling_offsets.device)
-    locations = reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
+    dtype = torch.promote_types(reference_points.dtype, sampling_offsets.dtype)
+    # Offsets are in pixels: x is normalised by the level's width, y by its height. Python-number
+    # divisors are graph constants; a tensor of them would be a host-to-device copy every call.
+    offsets = sampling_offsets.to(dtype)
+    normalised = torch.stack([
+        torch.stack((offsets[:, :, :, level, :, 0] / width, offsets[:, :, :, level, :, 1] / height), dim=-1)
+        for level, (height, width) in enumerate(shapes)
+    ], dim=3)
+    locations = reference_points.to(dtype)[:, :, None, :, None, :] + normalised
     weights = attention_logits.softmax(-1).view(batch, queries, heads, levels, points)
     return locations, weights
 
@@ -103,11 +136,18 @@ def ms_deform_attn_fused_reference(
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# One program handles a block of queries of one (batch, head): for every level and point it
-# turns the queries' locations into fp32 pixel coordinates and gathers the four bilinear
-# neighbours as (BLOCK_Q, BLOCK_D) loads, so the locations and weights are read once for all
-# channels. Coordinates, interpolation weights and sums are fp32 whatever the storage dtype.
-# value rows are [B, S, H, D]: row (b, s) of head h starts at ((b * S + s) * H + h) * D.
+# Coordinates, interpolation weights and sums are fp32 whatever the storage dtype. value rows are
+# [B, S, H, D]: row (b, s) of head h starts at ((b * S + s) * H + h) * D.
+#
+# Forward: one lane per query. A program covers BLOCK_Q queries of one (batch, head); each lane
+# does its query's per-point work (location, floor, corner weights and rows) once, then gathers
+# the head's D channels of each corner as NUM_CHUNKS loads of CHUNK channels (16 bytes: 8 fp16 or
+# 4 fp32), all held by that lane: a (NUM_CHUNKS, BLOCK_Q, CHUNK) tile whose first axis stays in
+# registers. Lanes sharing a query would repeat the per-point work, which is most of the
+# instructions when the channels are few (32 per head in DeRIS).
+#
+# Backward: a (BLOCK_Q, BLOCK_D) tile per program, several lanes per query; the value gradient is
+# scattered with atomics.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -122,6 +162,79 @@ def _split_coordinate(pixel, size):
 
 
 @jit
+def _axis_corners(pixel, size):
+    """Along one axis, the two neighbours of an fp32 pixel coordinate: their indices, and their
+    interpolation weights, zero for a neighbour outside the level (zero padding)."""
+    first, upper_weight = _split_coordinate(pixel, size)
+    second = first + 1
+    # An index is inside exactly when it is in [0, size): one unsigned comparison.
+    first_inside = first.to(tl.uint32) < size.to(tl.uint32)
+    second_inside = second.to(tl.uint32) < size.to(tl.uint32)
+    # An outside neighbour reads key 0 of the level, with weight zero: every load stays unmasked
+    # and in bounds. (A non-finite value there would leak in as 0 * inf; activations are finite.)
+    return (tl.where(first_inside, first, 0), tl.where(second_inside, second, 0),
+            tl.where(first_inside, 1.0 - upper_weight, 0.0), tl.where(second_inside, upper_weight, 0.0))
+
+
+@jit
+def _gather(level_ptr, rows, row_stride, channels, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
+    """(NUM_CHUNKS, BLOCK_Q, CHUNK) fp32 channels of the keys ``rows`` (one per query) of a level."""
+    pointers = level_ptr + (rows.to(tl.int64) * row_stride)[None, :, None] + channels
+    if PADDED:  # HEAD_DIM is not NUM_CHUNKS * CHUNK: the last chunks are partly past the head
+        return tl.load(pointers, mask=channels < HEAD_DIM, other=0.0).to(tl.float32)
+    return tl.load(pointers).to(tl.float32)
+
+
+@jit
+def _accumulate_sample(acc, level_ptr, x, y, width, height, weight, row_stride, channels,
+                       HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
+    """acc + weight * bilinear sample at pixel coordinates (x, y), per query of the block."""
+    x0, x1, wx0, wx1 = _axis_corners(x, width)
+    y0, y1, wy0, wy1 = _axis_corners(y, height)
+    top = y0 * width
+    bottom = y1 * width
+    top_weight = weight * wy0
+    bottom_weight = weight * wy1
+    # Keys within a level number < 2^31 / row_stride (checked by the launcher): int32 rows suffice.
+    acc += (top_weight * wx0)[None, :, None] * _gather(level_ptr, top + x0, row_stride, channels, HEAD_DIM, PADDED)
+    acc += (top_weight * wx1)[None, :, None] * _gather(level_ptr, top + x1, row_stride, channels, HEAD_DIM, PADDED)
+    acc += (bottom_weight * wx0)[None, :, None] * _gather(level_ptr, bottom + x0, row_stride, channels, HEAD_DIM,
+                                                          PADDED)
+    acc += (bottom_weight * wx1)[None, :, None] * _gather(level_ptr, bottom + x1, row_stride, channels, HEAD_DIM,
+                                                          PADDED)
+    return acc
+
+
+@jit
+def _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """What both forward kernels start from: the (batch, head) of the program, its queries' rows in
+    [B, Q, H] (past-the-end queries clamped to the last one, so that their loads stay in bounds;
+    only the store is masked), the head's first value element and the channel offsets."""
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < num_queries
+    queries = batch.to(tl.int64) * num_queries + tl.minimum(q, num_queries - 1)
+    head_ptr = value_ptr + batch.to(tl.int64) * num_keys * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
+    channels = tl.arange(0, NUM_CHUNKS)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+    return queries, queries * NUM_HEADS + head, q_mask, head_ptr, channels
+
+
+@jit
+def _load_pairs(pairs_ptr, index):
+    """fp32 (x, y) of the pairs ``index`` of a [..., 2] tensor, read as one load per query."""
+    pair = tl.load(pairs_ptr + 2 * index[:, None] + tl.arange(0, 2)[None, :]).to(tl.float32)
+    return tl.split(pair)
+
+
+@jit
+def _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM: tl.constexpr):
+    tl.store(out_ptr + (query_rows * HEAD_DIM)[None, :, None] + channels, acc.to(out_ptr.dtype.element_ty),
+             mask=q_mask[None, :, None] & (channels < HEAD_DIM))
+
+
+@jit
 def _corner(xi, yi, width, height, row_stride, q_mask, d, d_mask):
     """Offsets (from the level's first key of this head) and load mask of one neighbour.
 
@@ -133,30 +246,12 @@ def _corner(xi, yi, width, height, row_stride, q_mask, d, d_mask):
 
 
 @jit
-def _bilinear_sample(level_ptr, x, y, width, height, row_stride, q_mask, d, d_mask):
-    """(BLOCK_Q, BLOCK_D) fp32 bilinear samples of one level at pixel coordinates (x, y)."""
-    x0, fx = _split_coordinate(x, width)
-    y0, fy = _split_coordinate(y, height)
-    offsets, mask = _corner(x0, y0, width, height, row_stride, q_mask, d, d_mask)
-    v00 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    offsets, mask = _corner(x0 + 1, y0, width, height, row_stride, q_mask, d, d_mask)
-    v01 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    offsets, mask = _corner(x0, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
-    v10 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    offsets, mask = _corner(x0 + 1, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
-    v11 = tl.load(level_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    fx = fx[:, None]
-    fy = fy[:, None]
-    return (v00 * (1.0 - fx) + v01 * fx) * (1.0 - fy) + (v10 * (1.0 - fx) + v11 * fx) * fy
-
-
-@jit
 def _bilinear_backward(level_ptr, level_grad_ptr, x, y, width, height, row_stride, weight, grad_out,
-                       q_mask, d, d_mask):
+                       q_mask, d, d_mask, VALUE_GRAD: tl.constexpr):
     """Backward of ``weight * bilinear_sample(x, y)`` for one point of a block of queries.
 
-    Scatters d(loss)/d(value) into the level's fp32 gradient with atomics (other queries and
-    heads hit the same rows) and returns d(loss)/d(weight) and d(loss)/d(x, y) in pixels.
+    With VALUE_GRAD, scatters d(loss)/d(value) into the level's fp32 gradient with atomics (other
+    queries and heads hit the same rows). Returns d(loss)/d(weight) and d(loss)/d(x, y) in pixels.
     """
     x0, fx = _split_coordinate(x, width)
     y0, fy = _split_coordinate(y, height)
@@ -173,10 +268,11 @@ def _bilinear_backward(level_ptr, level_grad_ptr, x, y, width, height, row_strid
     v01 = tl.load(level_ptr + offsets01, mask=mask01, other=0.0).to(tl.float32)
     v10 = tl.load(level_ptr + offsets10, mask=mask10, other=0.0).to(tl.float32)
     v11 = tl.load(level_ptr + offsets11, mask=mask11, other=0.0).to(tl.float32)
-    tl.atomic_add(level_grad_ptr + offsets00, grad_sample * (wx0 * wy0), mask=mask00, sem="relaxed")
-    tl.atomic_add(level_grad_ptr + offsets01, grad_sample * (wx1 * wy0), mask=mask01, sem="relaxed")
-    tl.atomic_add(level_grad_ptr + offsets10, grad_sample * (wx0 * wy1), mask=mask10, sem="relaxed")
-    tl.atomic_add(level_grad_ptr + offsets11, grad_sample * (wx1 * wy1), mask=mask11, sem="relaxed")
+    if VALUE_GRAD:
+        tl.atomic_add(level_grad_ptr + offsets00, grad_sample * (wx0 * wy0), mask=mask00, sem="relaxed")
+        tl.atomic_add(level_grad_ptr + offsets01, grad_sample * (wx1 * wy0), mask=mask01, sem="relaxed")
+        tl.atomic_add(level_grad_ptr + offsets10, grad_sample * (wx0 * wy1), mask=mask10, sem="relaxed")
+        tl.atomic_add(level_grad_ptr + offsets11, grad_sample * (wx1 * wy1), mask=mask11, sem="relaxed")
     sample = (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
     sample_dx = (v01 - v00) * wy0 + (v11 - v10) * wy1
     sample_dy = (v10 - v00) * wx0 + (v11 - v01) * wx1
@@ -209,37 +305,29 @@ def _msda_forward_kernel(
     value_ptr, levels_ptr, locations_ptr, weights_ptr, out_ptr,
     num_keys, num_queries,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
-    batch = tl.program_id(1) // NUM_HEADS
-    head = tl.program_id(1) % NUM_HEADS
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < num_queries
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
+    _, query_rows, q_mask, head_ptr, channels = _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS,
+                                                               HEAD_DIM, BLOCK_Q, CHUNK, NUM_CHUNKS)
     row_stride = NUM_HEADS * HEAD_DIM
-    head_ptr = value_ptr + batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
+    padded = NUM_CHUNKS * CHUNK != HEAD_DIM
     # First (level, point) entry of each query's row in the [B, Q, H, L, P] weights.
-    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
     entries = query_rows * (NUM_LEVELS * NUM_POINTS)
-
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((NUM_CHUNKS, BLOCK_Q, CHUNK), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
         height = tl.load(levels_ptr + 3 * level)
         width = tl.load(levels_ptr + 3 * level + 1)
         level_ptr = head_ptr + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
-            loc_x = tl.load(locations_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
-            loc_y = tl.load(locations_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
-            weight = tl.load(weights_ptr + entry, mask=q_mask, other=0.0).to(tl.float32)
+            loc_x, loc_y = _load_pairs(locations_ptr, entry)
+            weight = tl.load(weights_ptr + entry).to(tl.float32)
             # align_corners=False: pixel centres sit at normalised (i + 0.5) / size.
             x = loc_x * width.to(tl.float32) - 0.5
             y = loc_y * height.to(tl.float32) - 0.5
-            acc += weight[:, None] * _bilinear_sample(level_ptr, x, y, width, height, row_stride, q_mask, d, d_mask)
-
-    out_offsets = query_rows[:, None] * HEAD_DIM + d[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+            acc = _accumulate_sample(acc, level_ptr, x, y, width, height, weight, row_stride, channels, HEAD_DIM,
+                                     padded)
+    _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM)
 
 
 @jit
@@ -248,7 +336,7 @@ def _msda_backward_kernel(
     grad_value_ptr, grad_locations_ptr, grad_weights_ptr,
     num_keys, num_queries,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_GRAD: tl.constexpr,
 ):
     batch = tl.program_id(1) // NUM_HEADS
     head = tl.program_id(1) % NUM_HEADS
@@ -276,7 +364,7 @@ def _msda_backward_kernel(
             y = loc_y * height.to(tl.float32) - 0.5
             grad_weight, grad_x, grad_y = _bilinear_backward(
                 value_ptr + level_offset, grad_value_ptr + level_offset, x, y, width, height, row_stride,
-                weight, grad_out, q_mask, d, d_mask)
+                weight, grad_out, q_mask, d, d_mask, VALUE_GRAD)
             # x = loc_x * width - 0.5, so d(loss)/d(loc_x) = width * d(loss)/d(x).
             grad_dtype = grad_locations_ptr.dtype.element_ty
             tl.store(grad_locations_ptr + 2 * entry, (grad_x * width.to(tl.float32)).to(grad_dtype), mask=q_mask)
@@ -289,43 +377,43 @@ def _msda_fused_forward_kernel(
     value_ptr, levels_ptr, reference_ptr, offsets_ptr, logits_ptr, out_ptr,
     num_keys, num_queries,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LP: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
-    batch = tl.program_id(1) // NUM_HEADS
-    head = tl.program_id(1) % NUM_HEADS
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < num_queries
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
+    queries, query_rows, q_mask, head_ptr, channels = _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS,
+                                                                     HEAD_DIM, BLOCK_Q, CHUNK, NUM_CHUNKS)
     row_stride = NUM_HEADS * HEAD_DIM
-    head_ptr = value_ptr + batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
-    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    padded = NUM_CHUNKS * CHUNK != HEAD_DIM
     entries = query_rows * (NUM_LEVELS * NUM_POINTS)
-    # reference_points is [B, Q, L, 2]: shared by the heads.
-    reference_rows = (batch * num_queries + q).to(tl.int64) * NUM_LEVELS
-    # The logits are read once and the softmax over (L, P) stays in registers.
-    probs, lp = _softmax_rows(logits_ptr, entries, q_mask, NUM_LEVELS * NUM_POINTS, BLOCK_LP)
+    # Softmax over (L, P) in two passes over the logits, each lane over its own query's: the max,
+    # then the sum of exponentials; the sampling loop below recomputes each exponential (the
+    # logits come from L1 the second time). Cheaper than keeping an (L * P)-wide tile.
+    top = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    for lp in tl.static_range(NUM_LEVELS * NUM_POINTS):
+        top = tl.maximum(top, tl.load(logits_ptr + entries + lp).to(tl.float32))
+    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for lp in tl.static_range(NUM_LEVELS * NUM_POINTS):
+        total += tl.exp(tl.load(logits_ptr + entries + lp).to(tl.float32) - top)
+    inverse_total = 1.0 / total
 
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((NUM_CHUNKS, BLOCK_Q, CHUNK), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
         height = tl.load(levels_ptr + 3 * level)
         width = tl.load(levels_ptr + 3 * level + 1)
         level_ptr = head_ptr + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
-        ref_x = tl.load(reference_ptr + 2 * (reference_rows + level), mask=q_mask, other=0.0).to(tl.float32)
-        ref_y = tl.load(reference_ptr + 2 * (reference_rows + level) + 1, mask=q_mask, other=0.0).to(tl.float32)
+        # reference_points is [B, Q, L, 2]: shared by the heads. loc = ref + offset / size, so the
+        # pixel coordinate loc * size - 0.5 is ref * size + offset - 0.5 (no division).
+        ref_x, ref_y = _load_pairs(reference_ptr, queries * NUM_LEVELS + level)
+        ref_x = ref_x * width.to(tl.float32) - 0.5
+        ref_y = ref_y * height.to(tl.float32) - 0.5
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
-            offset_x = tl.load(offsets_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
-            offset_y = tl.load(offsets_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
-            weight = _column(probs, lp, level * NUM_POINTS + point)
-            # loc = ref + offset / size, so the pixel coordinate loc * size - 0.5 is
-            # ref * size + offset - 0.5 (one rounding fewer, no division).
-            x = ref_x * width.to(tl.float32) + offset_x - 0.5
-            y = ref_y * height.to(tl.float32) + offset_y - 0.5
-            acc += weight[:, None] * _bilinear_sample(level_ptr, x, y, width, height, row_stride, q_mask, d, d_mask)
-
-    out_offsets = query_rows[:, None] * HEAD_DIM + d[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+            offset_x, offset_y = _load_pairs(offsets_ptr, entry)
+            x = ref_x + offset_x
+            y = ref_y + offset_y
+            weight = tl.exp(tl.load(logits_ptr + entry).to(tl.float32) - top) * inverse_total
+            acc = _accumulate_sample(acc, level_ptr, x, y, width, height, weight, row_stride, channels, HEAD_DIM,
+                                     padded)
+    _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM)
 
 
 @jit
@@ -334,7 +422,7 @@ def _msda_fused_backward_kernel(
     grad_value_ptr, grad_offsets_ptr, grad_logits_ptr,
     num_keys, num_queries,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LP: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LP: tl.constexpr, VALUE_GRAD: tl.constexpr,
 ):
     batch = tl.program_id(1) // NUM_HEADS
     head = tl.program_id(1) % NUM_HEADS
@@ -367,7 +455,7 @@ def _msda_fused_backward_kernel(
             y = ref_y * height.to(tl.float32) + offset_y - 0.5
             grad_weight, grad_x, grad_y = _bilinear_backward(
                 value_ptr + level_offset, grad_value_ptr + level_offset, x, y, width, height, row_stride,
-                weight, grad_out, q_mask, d, d_mask)
+                weight, grad_out, q_mask, d, d_mask, VALUE_GRAD)
             grad_probs = tl.where(lp[None, :] == level * NUM_POINTS + point, grad_weight[:, None], grad_probs)
             # The pixel coordinate is ref * size + offset - 0.5: offsets get the pixel gradient as is.
             tl.store(grad_offsets_ptr + 2 * entry, grad_x, mask=q_mask)
@@ -384,27 +472,57 @@ def _msda_fused_backward_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _msda_blocks(num_queries: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_D) for a launch."""
-    block_d = triton.next_power_of_2(head_dim)
-    if INTERPRETING:
+def msda_forward_config(num_queries: int, head_dim: int, element_size: int,
+                        interpreting: bool = INTERPRETING) -> dict[str, int]:
+    """BLOCK_Q, CHUNK, NUM_CHUNKS and num_warps of the forward launches (plain and fused).
+
+    ``interpreting`` asks for the configuration of Triton's interpreter instead of a GPU's: the
+    ahead-of-time compile checks pass False to see the GPU one whatever the process runs under.
+    """
+    # 16-byte loads where the head's channels allow: CHUNK divides head_dim, so that every chunk,
+    # and every head's first channel, is 16-byte aligned when the rows are.
+    chunk = min(16 // element_size, head_dim & -head_dim)
+    chunks = triton.next_power_of_2(triton.cdiv(head_dim, chunk))
+    if interpreting:
         # The interpreter runs programs one after another at a roughly fixed cost each, so it
         # wants few, large programs: one per (batch, head) for up to 256 queries.
-        return min(triton.next_power_of_2(num_queries), 256), block_d
+        return dict(BLOCK_Q=min(triton.next_power_of_2(num_queries), 256), CHUNK=chunk, NUM_CHUNKS=chunks, num_warps=4)
+    # One lane per query: a program of num_warps warps covers 32 * num_warps queries.
+    block_q = min(128, max(32, triton.next_power_of_2(num_queries)))
+    return dict(BLOCK_Q=block_q, CHUNK=chunk, NUM_CHUNKS=chunks, num_warps=block_q // 32)
+
+
+def msda_backward_config(num_queries: int, head_dim: int, interpreting: bool = INTERPRETING) -> dict[str, int]:
+    """BLOCK_Q, BLOCK_D and num_warps of the backward launches (plain and fused); see msda_forward_config."""
+    block_d = triton.next_power_of_2(head_dim)
+    if interpreting:
+        return dict(BLOCK_Q=min(triton.next_power_of_2(num_queries), 256), BLOCK_D=block_d, num_warps=4)
     # The compiler hoists the unrolled gathers, so registers grow with the tile: ptxas (sm_90,
-    # fp32, 4 warps) gives 80 / 141 registers (forward / backward) for 512-element tiles and
-    # 187 / 242 for 1024, and spills at 2048. Not yet tuned on hardware.
-    return max(1, min(512 // block_d, triton.next_power_of_2(num_queries))), block_d
+    # fp32, 4 warps) gives 141 registers for 512-element tiles and 242 for 1024, and spills at
+    # 2048. Not yet tuned on hardware.
+    block_q = max(1, min(512 // block_d, triton.next_power_of_2(num_queries)))
+    return dict(BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
 
 
-def _launch_config(value: torch.Tensor, num_queries: int, num_levels: int,
-                   num_points: int) -> tuple[tuple[int, int], dict]:
+def _launch_config(value: torch.Tensor, num_queries: int, num_levels: int, num_points: int,
+                   forward: bool) -> tuple[tuple[int, int], dict]:
     batch, _, heads, head_dim = value.shape
-    block_q, block_d = _msda_blocks(num_queries, head_dim)
-    grid = (triton.cdiv(num_queries, block_q), batch * heads)
-    meta = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=num_levels, NUM_POINTS=num_points,
-                BLOCK_Q=block_q, BLOCK_D=block_d)
+    if forward:
+        config = msda_forward_config(num_queries, head_dim, value.element_size())
+    else:
+        config = msda_backward_config(num_queries, head_dim)
+    grid = (triton.cdiv(num_queries, config["BLOCK_Q"]), batch * heads)
+    meta = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=num_levels, NUM_POINTS=num_points, **config)
     return grid, meta
+
+
+def _value_gradient(value: torch.Tensor, needed: bool) -> torch.Tensor:
+    """The fp32 buffer the backward scatters the value gradient into (a scatter: accumulate in
+    fp32, round once at the end); when unneeded, value itself stands in and is never written."""
+    if not needed:
+        return value
+    check_deterministic("ms_deform_attn", value.device)
+    return torch.zeros(value.shape, dtype=torch.float32, device=value.device)
 
 
 class _MSDeformAttnTriton(torch.autograd.Function):
@@ -413,8 +531,8 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         batch, num_keys, heads, head_dim = value.shape
         _, num_queries, _, num_levels, num_points, _ = locations.shape
         out = value.new_empty(batch, num_queries, heads, head_dim)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
-        _msda_forward_kernel[grid](value, levels, locations, weights, out, num_keys, num_queries, **meta)
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
+        launch(_msda_forward_kernel, grid, value, levels, locations, weights, out, num_keys, num_queries, **meta)
         ctx.save_for_backward(value, levels, locations, weights)
         return out.view(batch, num_queries, heads * head_dim)
 
@@ -424,14 +542,13 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         value, levels, locations, weights = ctx.saved_tensors
         _, num_keys, _, _ = value.shape
         _, num_queries, _, num_levels, num_points, _ = locations.shape
-        # The value gradient is a scatter: accumulate it in fp32 and round once at the end.
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        needs = ctx.needs_input_grad
+        grad_value = _value_gradient(value, needs[0])
         grad_locations = torch.empty_like(locations)
         grad_weights = torch.empty_like(weights)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
-        _msda_backward_kernel[grid](value, levels, locations, weights, grad_out.contiguous(),
-                                    grad_value, grad_locations, grad_weights, num_keys, num_queries, **meta)
-        needs = ctx.needs_input_grad
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
+        launch(_msda_backward_kernel, grid, value, levels, locations, weights, grad_out.contiguous(),
+               grad_value, grad_locations, grad_weights, num_keys, num_queries, VALUE_GRAD=needs[0], **meta)
         return (grad_value.to(value.dtype) if needs[0] else None, None,
                 grad_locations if needs[2] else None, grad_weights if needs[3] else None)
 
@@ -442,10 +559,9 @@ class _MSDeformAttnFusedTriton(torch.autograd.Function):
         batch, num_keys, heads, head_dim = value.shape
         _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
         out = value.new_empty(batch, num_queries, heads, head_dim)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
-        meta["BLOCK_LP"] = triton.next_power_of_2(num_levels * num_points)
-        _msda_fused_forward_kernel[grid](value, levels, reference_points, sampling_offsets, attention_logits, out,
-                                         num_keys, num_queries, **meta)
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
+        launch(_msda_fused_forward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
+               out, num_keys, num_queries, **meta)
         ctx.save_for_backward(value, levels, reference_points, sampling_offsets, attention_logits)
         return out.view(batch, num_queries, heads * head_dim)
 
@@ -455,20 +571,19 @@ class _MSDeformAttnFusedTriton(torch.autograd.Function):
         value, levels, reference_points, sampling_offsets, attention_logits = ctx.saved_tensors
         _, num_keys, _, _ = value.shape
         _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        needs = ctx.needs_input_grad
+        grad_value = _value_gradient(value, needs[0])
         # fp32, because the reference points' gradient is summed from it below.
         grad_offsets = torch.empty(sampling_offsets.shape, dtype=torch.float32, device=value.device)
         grad_logits = torch.empty_like(attention_logits)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points)
-        meta["BLOCK_LP"] = triton.next_power_of_2(num_levels * num_points)
-        _msda_fused_backward_kernel[grid](value, levels, reference_points, sampling_offsets, attention_logits,
-                                          grad_out.contiguous(), grad_value, grad_offsets, grad_logits,
-                                          num_keys, num_queries, **meta)
-        needs = ctx.needs_input_grad
+        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
+        launch(_msda_fused_backward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
+               grad_out.contiguous(), grad_value, grad_offsets, grad_logits, num_keys, num_queries,
+               BLOCK_LP=triton.next_power_of_2(num_levels * num_points), VALUE_GRAD=needs[0], **meta)
         grad_reference = None
         if needs[2]:
             # loc = ref + offset / (W, H): d(ref) = sum over heads and points of d(offset) * (W, H).
-            sizes = levels[:, [1, 0]].to(torch.float32)  # [L, (W, H)]
+            sizes = levels[:, :2].flip(-1).to(torch.float32)  # [L, (W, H)], without an index tensor
             grad_reference = (grad_offsets * sizes[:, None, :]).sum(dim=(2, 4)).to(reference_points.dtype)
         return (grad_value.to(value.dtype) if needs[0] else None, None, grad_reference,
                 grad_offsets.to(sampling_offsets.dtype) if needs[3] else None,
@@ -505,6 +620,10 @@ def _check_levels(op: str, value: torch.Tensor, spatial_shapes: SpatialShapes,
     if not shapes or any(height <= 0 or width <= 0 for height, width in shapes):
         raise ValueError(f"{op}: spatial_shapes needs at least one level, all sizes positive; got {shapes}")
     keys = sum(height * width for height, width in shapes)
+    # The forward kernels address a level's elements with int32: (keys of the level) * H * D.
+    if max(height * width for height, width in shapes) * value.shape[2] * value.shape[3] >= 2**31:
+        raise ValueError(f"{op}: a level of {shapes} holds 2^31 or more value elements of one image, more than "
+                         "the kernels address")
     if value.shape[1] != keys:
         raise ValueError(f"{op}: value has {value.shape[1]} keys (dim 1) but spatial_shapes {shapes} "
                          f"hold {keys}")

@@ -1,12 +1,16 @@
-"""Backend selection of deris.kernels: set_backend / backend(), DERIS_KERNELS, the device default,
-and the errors when the Triton backend cannot run."""
+"""Backend selection of deris.kernels: backend() per context, set_backend process-wide,
+DERIS_KERNELS, the device default, the errors when the Triton backend cannot run, and that an
+export's choices stay in the exporting thread."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -81,15 +85,18 @@ def test_set_backend_beats_the_environment(monkeypatch):
     assert kernels.select_backend(CPU) == "triton"
 
 
-def test_backend_context_manager_restores_the_previous_override():
+def test_backend_blocks_beat_the_process_default_and_restore_it():
     kernels.set_backend("torch")
     with kernels.backend("triton"):
         assert kernels.select_backend(CPU) == "triton"
-        with kernels.backend(None):
-            assert kernels.select_backend(CUDA) == "triton"
-            assert kernels.select_backend(CPU) == "torch"
+        with kernels.backend(None):  # lifts the enclosing block: the process default shows again
+            assert kernels.select_backend(CUDA) == "torch"
         assert kernels.select_backend(CPU) == "triton"
     assert kernels.select_backend(CUDA) == "torch"
+    kernels.set_backend(None)
+    with kernels.backend(None):
+        assert kernels.select_backend(CUDA) == "triton"
+        assert kernels.select_backend(CPU) == "torch"
 
 
 def test_backend_context_manager_restores_after_an_exception():
@@ -135,3 +142,102 @@ def test_import_and_torch_backend_work_without_triton():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@contextlib.contextmanager
+def held_open_in_thread(block: Callable[[], contextlib.AbstractContextManager], inside: Callable[[], object]
+                        ) -> Iterator[list]:
+    """Run ``with block(): inside()`` in a second thread and keep that block open while the caller's
+    ``with`` body runs; yields the list that receives inside()'s result (or its exception)."""
+    entered, release = threading.Event(), threading.Event()
+    results: list = []
+
+    def hold() -> None:
+        try:
+            with block():
+                results.append(inside())
+                entered.set()
+                release.wait(timeout=120)
+        except BaseException as error:  # reported to the caller below
+            results.append(error)
+            entered.set()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert entered.wait(timeout=120), "the other thread never entered its block"
+        yield results
+    finally:
+        release.set()
+        thread.join(timeout=120)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def test_backend_block_stays_in_its_thread():
+    kernels.set_backend("triton")
+    with held_open_in_thread(lambda: kernels.backend("torch"), lambda: kernels.select_backend(CUDA)) as seen:
+        assert kernels.select_backend(CPU) == "triton"  # the process default, not the other thread's block
+        assert seen == ["torch"]
+        # A thread started later sees the process default too.
+        later: list[str] = []
+        thread = threading.Thread(target=lambda: later.append(kernels.select_backend(CPU)))
+        thread.start()
+        thread.join()
+        assert later == ["triton"]
+
+
+def test_export_representation_stays_in_the_exporting_thread(monkeypatch):
+    """While an 'exporter' thread holds msda_representation("trt-plugin") open, a 'predictor' (this
+    thread) running the same layer still reaches the Triton kernel chosen by DERIS_KERNELS; the
+    exporter's layer computes through the plugin's function and takes no kernel path at all."""
+    from deris.export.msda import msda_representation
+    from deris.modeling.pixel_decoder import DeformableSelfAttention
+
+    monkeypatch.setenv("DERIS_KERNELS", "triton")
+    reached = []
+    for name in ("ms_deform_attn_fused_triton", "ms_deform_attn_fused_reference"):
+        real = getattr(kernels, name)
+
+        def spy(*args, _name=name, _real=real):
+            reached.append((threading.current_thread().name, _name))
+            return _real(*args)
+        monkeypatch.setattr(kernels, name, spy)
+
+    torch.manual_seed(0)
+    layer = DeformableSelfAttention(dim=16, num_heads=2, num_levels=2, num_points=2)
+    shapes = [(4, 4), (2, 2)]
+    query = torch.randn(1, 20, 16)
+    reference_points = torch.rand(1, 20, 2, 2)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return layer(query, query, reference_points, shapes)
+
+    with held_open_in_thread(lambda: msda_representation("trt-plugin"), forward) as exported:
+        predicted = forward()
+    assert reached == [(threading.current_thread().name, "ms_deform_attn_fused_triton")]
+    # Same layer, same inputs: the plugin's reference computation and the Triton kernel agree.
+    torch.testing.assert_close(exported[0], predicted, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_traces_dispatch_and_layer_in_one_graph():
+    """fullgraph=True: neither the backend selection nor the layer's MSDA lookup (both read
+    context variables) breaks the graph; forward and backward match eager (reference path)."""
+    from deris.modeling.pixel_decoder import DeformableSelfAttention
+
+    torch.manual_seed(0)
+    layer = DeformableSelfAttention(dim=16, num_heads=2, num_levels=2, num_points=2)
+    shapes = [(4, 4), (2, 2)]
+    query = torch.randn(1, 20, 16, requires_grad=True)
+    reference_points = torch.rand(1, 20, 2, 2)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (layer, compiled):
+        out = run(query, query, reference_points, shapes)
+        (grad,) = torch.autograd.grad(out.square().sum(), query)
+        results.append((out, grad))
+    (eager_out, eager_grad), (compiled_out, compiled_grad) = results
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-5, rtol=1e-5)

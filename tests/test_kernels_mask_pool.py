@@ -16,13 +16,12 @@ import importlib
 
 import pytest
 import torch
+from kernel_checks import assert_close, triton_backend  # noqa: F401 (autouse fixture)
 
 import deris.kernels as kernels
 
 # The package's mask_pool attribute is the public function, which hides the submodule.
 mask_pool_module = importlib.import_module("deris.kernels.mask_pool")
-
-from kernel_checks import assert_close, triton_backend  # noqa: F401 (autouse fixture)
 
 
 def check_mask_pool(batch, masks, channels, height, width, dtype, seed=0):
@@ -63,7 +62,8 @@ def test_mask_pool_half_storage(dtype):
 def test_mask_pool_several_blocks_and_splits(monkeypatch):
     """Force 16-wide blocks so masks, channels and cells all span several blocks, the last partial,
     and split the 60 cells into ranges of 32 and 28 (the split a small batch gets on a GPU)."""
-    monkeypatch.setattr(mask_pool_module, "_mask_pool_blocks", lambda masks, channels, cells: (16, 16, 16))
+    monkeypatch.setattr(mask_pool_module, "mask_pool_launch_config", lambda masks, channels, cells: dict(
+        BLOCK_N=16, BLOCK_C=16, BLOCK_K=16, num_warps=4, num_stages=1))
     monkeypatch.setattr(mask_pool_module, "_cell_splits", lambda programs, cells, block_k, device: 2)
     check_mask_pool(2, 20, 37, 24, 40, torch.float32)
 

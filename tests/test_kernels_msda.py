@@ -22,51 +22,12 @@ import importlib
 
 import pytest
 import torch
+from kernel_checks import assert_close, fused_inputs, msda_inputs, triton_backend  # noqa: F401 (autouse fixture)
 
 import deris.kernels as kernels
 
 # The package's ms_deform_attn attribute is the public function, which hides the submodule.
 msda_module = importlib.import_module("deris.kernels.ms_deform_attn")
-
-from kernel_checks import assert_close, triton_backend  # noqa: F401 (autouse fixture)
-
-
-def pixel_locations(shapes, batch, queries, heads, points, generator) -> torch.Tensor:
-    """[B, Q, H, L, P, 2] float64 normalised locations whose pixel coordinates stay >= 0.05 px
-    from an integer, so that no rounding (storage or float32) moves a sample across a pixel edge,
-    where the location gradient jumps. Pixel coordinates run over [-1.95, W + 1.95): inside,
-    partly outside and entirely outside the level (locations outside [0, 1])."""
-    levels = []
-    for height, width in shapes:
-        size = torch.tensor([width, height], dtype=torch.float64)
-        cells = torch.floor(torch.rand(batch, queries, heads, points, 2, generator=generator, dtype=torch.float64)
-                            * (size + 4)) - 2
-        fractions = 0.05 + 0.9 * torch.rand(batch, queries, heads, points, 2, generator=generator, dtype=torch.float64)
-        # align_corners=False: pixel coordinate x = loc * W - 0.5.
-        levels.append((cells + fractions + 0.5) / size)
-    return torch.stack(levels, dim=3)
-
-
-def msda_inputs(batch, heads, head_dim, shapes, points, queries, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    keys = sum(h * w for h, w in shapes)
-    value = torch.randn(batch, keys, heads, head_dim, generator=generator, dtype=torch.float64)
-    locations = pixel_locations(shapes, batch, queries, heads, points, generator)
-    logits = torch.randn(batch, queries, heads, len(shapes) * points, generator=generator, dtype=torch.float64)
-    weights = logits.softmax(-1).view(batch, queries, heads, len(shapes), points)
-    grad_out = torch.randn(batch, queries, heads * head_dim, generator=generator, dtype=torch.float64)
-    return value, locations, weights, grad_out
-
-
-def fused_inputs(batch, heads, head_dim, shapes, points, queries, seed=0):
-    """Raw projections whose locations ref + offset / size are pixel-safe (see pixel_locations)."""
-    generator = torch.Generator().manual_seed(seed)
-    value, locations, _, grad_out = msda_inputs(batch, heads, head_dim, shapes, points, queries, seed)
-    reference_points = torch.rand(batch, queries, len(shapes), 2, generator=generator, dtype=torch.float64)
-    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)[:, None, :]  # [L, 1, (W, H)]
-    offsets = (locations - reference_points[:, :, None, :, None, :]) * sizes
-    logits = 2 * torch.randn(batch, queries, heads, len(shapes) * points, generator=generator, dtype=torch.float64)
-    return value, reference_points, offsets, logits, grad_out
 
 
 def run(fn, inputs, grad_out, *args):
@@ -157,8 +118,11 @@ def test_msda_fused(batch, heads, head_dim, shapes, points, queries, dtype):
 
 def test_several_query_blocks(monkeypatch):
     """Force BLOCK_Q = 16 so 40 queries take three programs, the last one partly masked."""
-    monkeypatch.setattr(msda_module, "_msda_blocks",
-                        lambda queries, head_dim: (16, msda_module.triton.next_power_of_2(head_dim)))
+    forward, backward = msda_module.msda_forward_config, msda_module.msda_backward_config
+    monkeypatch.setattr(msda_module, "msda_forward_config", lambda queries, head_dim, element_size: dict(
+        forward(queries, head_dim, element_size), BLOCK_Q=16))
+    monkeypatch.setattr(msda_module, "msda_backward_config", lambda queries, head_dim: dict(
+        backward(queries, head_dim), BLOCK_Q=16))
     check_msda(2, 1, 16, [(5, 7), (3, 3)], 2, 40, torch.float32)
     check_fused(1, 1, 16, [(5, 7), (3, 3)], 2, 40, torch.float32)
 
@@ -184,6 +148,7 @@ def test_far_outside_locations_read_only_padding():
     value.requires_grad_()
     out = kernels.ms_deform_attn(value, [(4, 5)], None, locations, weights)
     out.sum().backward()
+    assert value.grad is not None
     assert out.abs().max() == 0 and value.grad.abs().max() == 0
 
 

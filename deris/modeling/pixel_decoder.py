@@ -3,9 +3,17 @@
 res3..res5 go through input projections (Conv1x1 + GroupNorm) and a stack of post-LN deformable
 self-attention layers over the concatenated levels (order res5, res4, res3); res2 joins through a
 one-level FPN whose lateral conv has a ReLU (upstream Mask2Former has none there).
+
+The forward never copies between host and device nor synchronises: level sizes are Python ints,
+reference points are built on the device, and the level start offsets follow from the sizes (the
+kernels take ``level_start_index=None``), so the decoder can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +22,41 @@ from torch import nn
 import deris.kernels as kernels
 from deris.config import DerisConfig
 from deris.modeling.common import sine_position_2d
+
+# (value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_logits)
+# -> [B, Q, H * D]: the signature of deris.kernels.ms_deform_attn_fused.
+MSDAFunction = Callable[
+    [torch.Tensor, list[tuple[int, int]], torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+# The context holds the name of the function msda_function() chose, not the function: torch.compile
+# can read a name as a constant (see _msda_override_name) and then trace the registered function.
+_msda_functions: dict[str, MSDAFunction] = {}
+_msda_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("deris_msda_function", default=None)
+
+
+@torch.compiler.assume_constant_result
+def _msda_override_name() -> str | None:
+    # torch.compile cannot trace ContextVar.get: it calls this once while tracing, as a constant.
+    return _msda_override.get()
+
+
+@contextlib.contextmanager
+def msda_function(function: MSDAFunction) -> Iterator[None]:
+    """Within the block, deformable layers run in this context (thread or asyncio task) compute MSDA
+    with ``function`` instead of ``deris.kernels.ms_deform_attn_fused``.
+
+    The exporter uses it to pick how MSDA appears in a graph; a predictor running the same model
+    in another thread meanwhile keeps the kernels: only this context's choice changes (the
+    function is registered under a name unique to it, and stays registered). Under torch.compile
+    the choice is the one in force when the layer is traced.
+    """
+    name = f"{function.__qualname__}@{id(function):x}"
+    _msda_functions[name] = function
+    token = _msda_override.set(name)
+    try:
+        yield
+    finally:
+        _msda_override.reset(token)
 
 
 class DeformableSelfAttention(nn.Module):
@@ -33,14 +76,15 @@ class DeformableSelfAttention(nn.Module):
         value_input: torch.Tensor,
         reference_points: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
-        level_start_index: torch.Tensor,
     ) -> torch.Tensor:
         b, q, _ = query.shape
         h, lv, p = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value_input).view(b, value_input.shape[1], h, -1)
         offsets = self.sampling_offsets(query).view(b, q, h, lv, p, 2)
         logits = self.attention_weights(query).view(b, q, h, lv * p)
-        out = kernels.ms_deform_attn_fused(value, spatial_shapes, level_start_index, reference_points, offsets, logits)
+        override = _msda_override_name()
+        msda = kernels.ms_deform_attn_fused if override is None else _msda_functions[override]
+        out = msda(value, spatial_shapes, None, reference_points, offsets, logits)
         return self.output_proj(out)
 
 
@@ -53,8 +97,8 @@ class DeformableEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        src = self.norm1(src + self.self_attn(src + pos, src, reference_points, spatial_shapes, level_start_index))
+    def forward(self, src, pos, reference_points, spatial_shapes) -> torch.Tensor:
+        src = self.norm1(src + self.self_attn(src + pos, src, reference_points, spatial_shapes))
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
 
@@ -105,11 +149,12 @@ class PixelDecoder(nn.Module):
             [sine_position_2d(h, w, dim // 2, device) + self.level_embed[i] for i, (h, w) in enumerate(shapes)], 0
         ).to(src.dtype)
         sizes = [h * w for h, w in shapes]
-        level_start_index = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64, device=device)
-        # [S, L, 2]: every query carries the same reference point for each level.
-        ref = reference_points(shapes, device)[None, :, None, :].expand(src.shape[0], -1, self.num_levels, -1).to(src.dtype)
+        # [S, L, 2]: every query carries the same reference point for each level. Float32 even in a
+        # half-precision model: float16 would cost up to 2^-11 x level width in location (0.06 px
+        # at 128 px), which the kernels, computing coordinates in float32, would otherwise keep.
+        ref = reference_points(shapes, device)[None, :, None, :].expand(src.shape[0], -1, self.num_levels, -1)
         for layer in self.encoder:
-            src = layer(src, pos, ref, shapes, level_start_index)
+            src = layer(src, pos, ref, shapes)
         outs = [
             x.transpose(1, 2).reshape(src.shape[0], dim, h, w) for x, (h, w) in zip(src.split(sizes, dim=1), shapes)
         ]

@@ -1,0 +1,98 @@
+"""Every Triton kernel compiles for sm_80 and sm_90 at the launch configurations a GPU run uses.
+
+No GPU needed: deris.kernels.aot records the launches the launchers make on meta tensors of
+DeRIS's shapes (3 levels at 384 and 1024 px, 8 heads of 32, 4 points; mask pooling of 20 masks
+over 256 channels at 96x96) and compiles each with Triton's bundled ptxas, for float32, float16
+and bfloat16. A compile error, a register spill or any local memory fails.
+
+The compiler runs in subprocesses without TRITON_INTERPRET (this test process defines the
+kernels for the interpreter, whose block sizes differ), one per (architecture, dtype), as many at
+once as there are CPUs. About four CPU-minutes when Triton's cache is cold (two minutes on two
+cores), seconds when warm.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+import deris.kernels.aot as aot  # noqa: E402
+from deris.kernels.mask_pool import mask_pool_launch_config  # noqa: E402
+from deris.kernels.ms_deform_attn import msda_backward_config, msda_forward_config  # noqa: E402
+
+ARCHS = ("sm_80", "sm_90")
+DTYPES = ("fp32", "fp16", "bf16")
+MSDA_FORWARD_KERNELS = {"_msda_forward_kernel", "_msda_fused_forward_kernel"}
+MSDA_BACKWARD_KERNELS = {"_msda_backward_kernel", "_msda_fused_backward_kernel"}
+MSDA_KERNELS = MSDA_FORWARD_KERNELS | MSDA_BACKWARD_KERNELS
+MASK_POOL_KERNELS = {"_mask_pool_forward_kernel", "_mask_pool_grad_logits_kernel", "_mask_pool_grad_features_kernel"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> list[dict]:
+    directory = tmp_path_factory.mktemp("aot")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+
+    def compile_for(job: tuple[str, str]) -> list[dict]:
+        arch, dtype = job
+        out = directory / f"{arch}-{dtype}.json"
+        result = subprocess.run([sys.executable, "-m", "deris.kernels.aot", "--arch", arch, "--dtypes", dtype,
+                                 "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"compiling for {arch} {dtype} failed:\n{result.stderr[-6000:]}"
+        return json.loads(out.read_text())
+
+    # Compiling is CPU-bound and single-threaded per process: one process per (arch, dtype).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return [record for records in pool.map(compile_for, itertools.product(ARCHS, DTYPES)) for record in records]
+
+
+def test_every_kernel_compiles_for_every_arch_dtype_and_shape(compiled):
+    seen = {(r["arch"], r["dtype"], r["kernel"], r["resolution"]) for r in compiled}
+    expected = {(arch, dtype, kernel, resolution) for arch in ARCHS for dtype in DTYPES
+                for kernel, resolution in [*((k, px) for k in MSDA_KERNELS for px in (384, 1024)),
+                                           *((k, 384) for k in MASK_POOL_KERNELS)]}
+    assert seen == expected
+
+
+def test_no_spills_and_no_local_memory(compiled):
+    bad = [f"{r['arch']} {r['dtype']} {r['kernel']}: {r['registers']} registers, stack {r['stack']} B, "
+           f"local {r['local']} B, {r['spill_instructions']} LDL/STL" for r in compiled
+           if r["spill_instructions"] or r["stack"] or r["local"]]
+    assert not bad, "\n".join(bad)
+    # 255 is the hardware limit; more registers than that would have spilled above.
+    assert all(0 < r["registers"] <= 255 and r["sass_instructions"] > 0 for r in compiled)
+
+
+def launch_configs(record: dict) -> tuple[dict, dict]:
+    """(GPU, interpreter) configurations the launchers choose for a record's kernel and shapes."""
+    def choose(interpreting: bool) -> dict:
+        if record["kernel"] in MASK_POOL_KERNELS:
+            return mask_pool_launch_config(aot.MASKS, aot.MASK_CHANNELS, (aot.MASK_SIZE // 4) ** 2, interpreting)
+        if record["kernel"] in MSDA_FORWARD_KERNELS:
+            return msda_forward_config(queries(record), aot.HEAD_DIM, aot.DTYPES[record["dtype"]].itemsize,
+                                       interpreting)
+        return msda_backward_config(queries(record), aot.HEAD_DIM, interpreting)
+
+    return choose(interpreting=False), choose(interpreting=True)
+
+
+def queries(record: dict) -> int:
+    return sum(h * w for h, w in aot.msda_levels(record["resolution"]))
+
+
+def test_compiled_at_the_gpu_launch_configuration(compiled):
+    """The configurations compiled are the launchers' GPU choices, which the interpreter's are not."""
+    for r in compiled:
+        gpu, interpreter = launch_configs(r)
+        assert gpu != interpreter
+        assert {name: r["config"][name] for name in gpu} == gpu, (r["kernel"], r["config"])
+        if r["kernel"] in MSDA_KERNELS:
+            assert r["grid"] == [-(-queries(r) // gpu["BLOCK_Q"]), aot.HEADS]
