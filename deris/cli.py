@@ -100,6 +100,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from deris.eval import register as register_eval
+    from deris.training.cli import add_make_synthetic, add_train
     from deris.triton_repo.client import register as register_client
     from deris.triton_repo.server import register as register_serve
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_convert(sub)
     register_serve(sub)
     register_client(sub)
+    add_make_synthetic(sub)
+    add_train(sub)
     register_eval(sub)
     return parser
 
