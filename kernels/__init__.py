@@ -17,6 +17,13 @@ Each public function runs either the PyTorch reference ("torch") or the Triton k
 Under ``torch.compile`` the choice is made when the function is traced: a :func:`backend` block
 entered later does not retrace it (the process default and the environment variable do).
 
+The Triton backend goes through custom operators made with ``torch.library.triton_op``
+(``torch.ops.deris_kernels.msda_forward``, ``msda_fused_forward``, ``mask_pool_forward`` and their
+``*_backward``), with fake implementations and a functional backward: torch.compile(fullgraph=True),
+torch.export and AOTInductor trace them without a graph break, and on CUDA Inductor compiles the
+Triton kernels inside. Traced on CPU, where the compiled Triton path needs a GPU, the operators
+compute through the reference; eager CPU calls still run the kernels (interpreter, below).
+
 Triton on CPU tensors runs through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in
 the environment before deris is imported (Triton reads it when the kernels are defined).
 Importing this package never needs Triton; asking for the Triton backend without it is an error.

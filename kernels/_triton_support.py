@@ -1,5 +1,6 @@
 """What the Triton launchers share: the optional import, the interpreter check, input checks,
-and :func:`launch`, through which every kernel launch goes.
+and :func:`launch`, through which every kernel launch goes (visible to torch.compile and
+torch.export through ``torch.library.wrap_triton``).
 
 Triton is optional: without it this module still imports, ``jit`` leaves the kernels as plain
 (never launched) functions, and :func:`require_triton` explains why the Triton backend is missing.
@@ -12,7 +13,7 @@ import contextvars
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -142,11 +143,62 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
-    """``kernel[grid](*args, **meta)`` on the device of its first tensor argument."""
+    """``kernel[grid](*args, **meta)`` on the device of its first tensor argument.
+
+    Through ``wrap_triton``: inside a ``triton_op`` traced by torch.compile or torch.export the
+    launch becomes a node of the graph; in eager mode (and for the interpreter's kernels) it is
+    the plain launch.
+    """
     planned = Launch(kernel, tuple(grid), args, meta)
     planner = _planner.get()
     if planner is not None:
         planner.record(planned)
         return
     with device_guard(next(arg.device for arg in args if isinstance(arg, torch.Tensor))):
-        kernel[planned.grid](*args, **meta)
+        torch.library.wrap_triton(kernel)[planned.grid](*args, **meta)
+
+
+def triton_op(name: str, body: Callable[..., Any]) -> torch.library.CustomOpDef:
+    """``body`` as the custom operator ``deris_kernels::name``, which mutates none of its inputs.
+
+    ``torch.library.triton_op`` makes ``body`` the eager implementation and lets torch.compile and
+    torch.export trace into it (to the kernels it launches through :func:`launch`); each caller
+    registers a fake implementation (``body`` launches kernels, which fake tensors cannot run).
+    """
+    return cast(torch.library.CustomOpDef, torch.library.triton_op(f"deris_kernels::{name}", body, mutates_args=()))
+
+
+def traced_on_cpu(tensor: torch.Tensor) -> bool:
+    """Whether torch.compile or torch.export is tracing an operator (its body or its backward) on CPU tensors.
+
+    Inductor traces an op's body, not only its fake implementation, whatever the device, and the
+    compiled Triton path needs a GPU (the interpreter's kernels cannot be traced: they read data
+    pointers): such a forward computes through the PyTorch reference instead, and its backward
+    differentiates that reference (:func:`reference_vjp`).
+    """
+    return tensor.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+def skipped_gradient(tensor: torch.Tensor) -> torch.Tensor:
+    """What a backward operator returns for a gradient nobody asked for: an operator's outputs are
+    fresh tensors, never None and never one of its inputs."""
+    return tensor.new_empty(0)
+
+
+def gradient_like(tensor: torch.Tensor, needed: bool = True) -> torch.Tensor:
+    """A backward operator's fake output for the gradient of ``tensor``."""
+    return torch.empty_like(tensor) if needed else skipped_gradient(tensor)
+
+
+def reference_vjp(function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of the reference ``function`` at ``inputs`` along ``grad_out``, for the backward of a
+    forward traced on CPU.
+
+    Runs in the operator's autograd backward, where autograd still records (inside an operator's
+    body it does not); the reference forward is traced again there, a recomputation in the
+    backward graph.
+    """
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(function(*leaves), leaves, grad_out)

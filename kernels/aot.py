@@ -1,6 +1,6 @@
 """Compile every Triton kernel of this package ahead of time for an NVIDIA GPU, without a GPU.
 
-How: the launchers run forward and backward on meta tensors of DeRIS's shapes inside
+How: the custom operators' bodies run forward and backward on meta tensors of DeRIS's shapes inside
 :func:`planning_only`, so each launch they would make is recorded with its grid, arguments and
 meta-parameters (block sizes, ``num_warps``) instead of running. Each is then specialised by the
 binder a real launch uses (16-byte alignment, divisibility of integers by 16: meta tensors sit at
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from . import _triton_support
-from .mask_pool import _MaskPoolTriton
-from .ms_deform_attn import _level_table, _MSDeformAttnFusedTriton, _MSDeformAttnTriton
+from .mask_pool import _mask_pool_backward, _mask_pool_forward
+from .ms_deform_attn import _msda_backward, _msda_forward, _msda_fused_backward, _msda_fused_forward
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -85,42 +85,43 @@ class PlannedLaunch:
         return self.launch.kernel.fn.__name__
 
 
-def _meta(*shape: int, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
-
-
-def _run_forward_backward(function: type[torch.autograd.Function], *inputs: torch.Tensor) -> None:
-    out = function.apply(*inputs)
-    out.backward(torch.empty_like(out))
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def plan_launches(dtype_name: str, arch: GpuArch) -> list[PlannedLaunch]:
-    """Every launch the launchers make, forward and backward, at DeRIS's shapes in ``dtype_name``."""
+    """Every launch the operators' bodies make, forward and backward (every gradient asked for), at
+    DeRIS's shapes in ``dtype_name``. The bodies are called directly: through the operators, meta
+    tensors would reach the fake implementations, which launch nothing."""
     dtype = DTYPES[dtype_name]
     planned: list[PlannedLaunch] = []
 
     def record_as(op: str, resolution: int) -> Any:
         return lambda launch: planned.append(PlannedLaunch(op, dtype_name, resolution, launch))
 
-    meta = torch.device("meta")
     for resolution in RESOLUTIONS:
-        shapes = msda_levels(resolution)
-        keys = queries = sum(h * w for h, w in shapes)
-        levels = len(shapes)
-        table = _level_table(tuple(shapes), meta)
+        shapes = [size for shape in msda_levels(resolution) for size in shape]
+        keys = queries = sum(h * w for h, w in msda_levels(resolution))
+        levels = len(LEVEL_STRIDES)
+        value = _meta(1, keys, HEADS, HEAD_DIM, dtype=dtype)
+        grad_out = _meta(1, queries, HEADS * HEAD_DIM, dtype=dtype)
         with _triton_support.planning_only(record_as("msda", resolution), arch.multiprocessors):
-            _run_forward_backward(_MSDeformAttnTriton, _meta(1, keys, HEADS, HEAD_DIM, dtype=dtype), table,
-                                  _meta(1, queries, HEADS, levels, POINTS, 2, dtype=dtype),
-                                  _meta(1, queries, HEADS, levels, POINTS, dtype=dtype))
+            sampling = (_meta(1, queries, HEADS, levels, POINTS, 2, dtype=dtype),
+                        _meta(1, queries, HEADS, levels, POINTS, dtype=dtype))
+            _msda_forward(value, shapes, *sampling)
+            _msda_backward(value, shapes, *sampling, grad_out, True)
         with _triton_support.planning_only(record_as("msda_fused", resolution), arch.multiprocessors):
             # The pixel decoder passes float32 reference points whatever the model's precision.
-            _run_forward_backward(_MSDeformAttnFusedTriton, _meta(1, keys, HEADS, HEAD_DIM, dtype=dtype), table,
-                                  _meta(1, queries, levels, 2, dtype=torch.float32),
-                                  _meta(1, queries, HEADS, levels, POINTS, 2, dtype=dtype),
-                                  _meta(1, queries, HEADS, levels * POINTS, dtype=dtype))
+            reference_points = _meta(1, queries, levels, 2, dtype=torch.float32)
+            offsets = _meta(1, queries, HEADS, levels, POINTS, 2, dtype=dtype)
+            logits = _meta(1, queries, HEADS, levels * POINTS, dtype=dtype)
+            _msda_fused_forward(value, shapes, reference_points, offsets, logits)
+            _msda_fused_backward(value, shapes, reference_points, offsets, logits, grad_out, True, True)
     with _triton_support.planning_only(record_as("mask_pool", 384), arch.multiprocessors):
-        _run_forward_backward(_MaskPoolTriton, _meta(1, MASKS, MASK_SIZE, MASK_SIZE, dtype=dtype),
-                              _meta(1, MASK_CHANNELS, MASK_SIZE, MASK_SIZE, dtype=dtype))
+        masks = _meta(1, MASKS, MASK_SIZE, MASK_SIZE, dtype=dtype)
+        features = _meta(1, MASK_CHANNELS, MASK_SIZE, MASK_SIZE, dtype=dtype)
+        _mask_pool_forward(masks, features)
+        _mask_pool_backward(masks, features, _meta(1, MASKS, MASK_CHANNELS, dtype=dtype), True, True)
     return planned
 
 

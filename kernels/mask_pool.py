@@ -6,10 +6,13 @@
 The official code builds the [B, N, C, H/4, W/4] product and averages it with a 5-D
 AdaptiveAvgPool2d; the mean of a product over the grid is a matrix product, so the reference
 below never materialises that tensor. :func:`mask_pool_triton` does the same in one Triton
-kernel that also never builds the downsampled maps, with a Triton backward pass.
+kernel that also never builds the downsampled maps, with a Triton backward pass, behind the custom
+operators ``torch.ops.deris_kernels.mask_pool_forward`` / ``mask_pool_backward`` (see ms_deform_attn.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +22,17 @@ from ._triton_support import (
     check_float,
     check_same_device,
     check_shape,
+    gradient_like,
     jit,
     launch,
     multiprocessors,
+    reference_vjp,
     require_triton,
+    skipped_gradient,
     tl,
+    traced_on_cpu,
     triton,
+    triton_op,
 )
 
 
@@ -231,48 +239,79 @@ def _cell_splits(programs: int, num_cells: int, block_k: int, device: torch.devi
     return max(1, min(triton.cdiv(2 * multiprocessors(device), programs), triton.cdiv(num_cells, block_k)))
 
 
-class _MaskPoolTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mask_logits, features):
-        batch, num_masks, height, width = mask_logits.shape
-        channels = features.shape[1]
-        cells_w, num_cells = width // 4, (height // 4) * (width // 4)
-        config = mask_pool_launch_config(num_masks, channels, num_cells)
-        block_k = config["BLOCK_K"]
-        tiles = triton.cdiv(num_masks, config["BLOCK_N"]) * triton.cdiv(channels, config["BLOCK_C"])
-        splits = _cell_splits(tiles * batch, num_cells, block_k, features.device)
-        cells_per_split = triton.cdiv(triton.cdiv(num_cells, splits), block_k) * block_k
-        splits = triton.cdiv(num_cells, cells_per_split)
-        # Partial sums per split, added in a fixed order afterwards: deterministic, unlike atomics.
-        partial = torch.empty(splits, batch, num_masks, channels, dtype=torch.float32, device=features.device)
-        launch(_mask_pool_forward_kernel, (tiles, splits, batch), mask_logits, features, partial, num_masks, channels,
-               height, width, cells_w, num_cells, cells_per_split, **config)
-        ctx.save_for_backward(mask_logits, features)
-        return partial.sum(dim=0).to(features.dtype)
+# The custom operators, built as those of ms_deform_attn.py: the forward body launches the kernel
+# (traced on CPU: runs the reference), fakes describe the outputs, the backward is functional.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        mask_logits, features = ctx.saved_tensors
-        batch, num_masks, height, width = mask_logits.shape
-        channels = features.shape[1]
-        cells_w, num_cells = width // 4, (height // 4) * (width // 4)
-        config = mask_pool_launch_config(num_masks, channels, num_cells)
-        cell_blocks = triton.cdiv(num_cells, config["BLOCK_K"])
-        grad_out = grad_out.contiguous()
-        sizes = (num_masks, channels, height, width, cells_w, num_cells)
-        # Each gradient element is written by exactly one program: no atomics, deterministic.
-        grad_logits = grad_features = None
-        if ctx.needs_input_grad[0]:
-            # Only the 2x2 centre of each 4x4 cell reaches the downsampled logits.
-            grad_logits = torch.zeros_like(mask_logits)
-            launch(_mask_pool_grad_logits_kernel, (cell_blocks, triton.cdiv(num_masks, config["BLOCK_N"]), batch),
-                   mask_logits, features, grad_out, grad_logits, *sizes, **config)
-        if ctx.needs_input_grad[1]:
-            grad_features = torch.empty_like(features)
-            launch(_mask_pool_grad_features_kernel, (cell_blocks, triton.cdiv(channels, config["BLOCK_C"]), batch),
-                   mask_logits, grad_out, grad_features, *sizes, **config)
-        return grad_logits, grad_features
+def _mask_pool_forward(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    if traced_on_cpu(mask_logits):
+        return mask_pool_reference(mask_logits, features)
+    batch, num_masks, height, width = mask_logits.shape
+    channels = features.shape[1]
+    cells_w, num_cells = width // 4, (height // 4) * (width // 4)
+    config = mask_pool_launch_config(num_masks, channels, num_cells)
+    block_k = config["BLOCK_K"]
+    tiles = triton.cdiv(num_masks, config["BLOCK_N"]) * triton.cdiv(channels, config["BLOCK_C"])
+    splits = _cell_splits(tiles * batch, num_cells, block_k, features.device)
+    cells_per_split = triton.cdiv(triton.cdiv(num_cells, splits), block_k) * block_k
+    splits = triton.cdiv(num_cells, cells_per_split)
+    # Partial sums per split, added in a fixed order afterwards: deterministic, unlike atomics.
+    partial = torch.empty(splits, batch, num_masks, channels, dtype=torch.float32, device=features.device)
+    launch(_mask_pool_forward_kernel, (tiles, splits, batch), mask_logits, features, partial, num_masks, channels,
+           height, width, cells_w, num_cells, cells_per_split, **config)
+    return partial.sum(dim=0).to(features.dtype)
+
+
+def _mask_pool_backward(mask_logits: torch.Tensor, features: torch.Tensor, grad_out: torch.Tensor,
+                        logits_grad: bool, features_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_masks, height, width = mask_logits.shape
+    channels = features.shape[1]
+    cells_w, num_cells = width // 4, (height // 4) * (width // 4)
+    config = mask_pool_launch_config(num_masks, channels, num_cells)
+    cell_blocks = triton.cdiv(num_cells, config["BLOCK_K"])
+    sizes = (num_masks, channels, height, width, cells_w, num_cells)
+    # Each gradient element is written by exactly one program: no atomics, deterministic.
+    grad_logits, grad_features = skipped_gradient(mask_logits), skipped_gradient(features)
+    if logits_grad:
+        # Only the 2x2 centre of each 4x4 cell reaches the downsampled logits.
+        grad_logits = torch.zeros_like(mask_logits)
+        launch(_mask_pool_grad_logits_kernel, (cell_blocks, triton.cdiv(num_masks, config["BLOCK_N"]), batch),
+               mask_logits, features, grad_out, grad_logits, *sizes, **config)
+    if features_grad:
+        grad_features = torch.empty_like(features)
+        launch(_mask_pool_grad_features_kernel, (cell_blocks, triton.cdiv(channels, config["BLOCK_C"]), batch),
+               mask_logits, grad_out, grad_features, *sizes, **config)
+    return grad_logits, grad_features
+
+
+mask_pool_forward_op = triton_op("mask_pool_forward", _mask_pool_forward)
+mask_pool_backward_op = triton_op("mask_pool_backward", _mask_pool_backward)
+
+
+@mask_pool_forward_op.register_fake
+def _mask_pool_forward_fake(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    return features.new_empty(mask_logits.shape[0], mask_logits.shape[1], features.shape[1])
+
+
+@mask_pool_backward_op.register_fake
+def _mask_pool_backward_fake(mask_logits: torch.Tensor, features: torch.Tensor, grad_out: torch.Tensor,
+                             logits_grad: bool, features_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return gradient_like(mask_logits, logits_grad), gradient_like(features, features_grad)
+
+
+def _save_inputs(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _mask_pool_gradients(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    needs = ctx.needs_input_grad
+    if traced_on_cpu(grad_out):  # the forward traced as the reference: differentiate that
+        grads = reference_vjp(mask_pool_reference, ctx.saved_tensors, grad_out)
+    else:
+        grads = mask_pool_backward_op(*ctx.saved_tensors, grad_out.contiguous(), needs[0], needs[1])
+    return grads[0] if needs[0] else None, grads[1] if needs[1] else None
+
+
+mask_pool_forward_op.register_autograd(_mask_pool_gradients, setup_context=_save_inputs)
 
 
 def mask_pool_triton(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -295,4 +334,4 @@ def mask_pool_triton(mask_logits: torch.Tensor, features: torch.Tensor) -> torch
                          "must share one dtype")
     device = check_same_device(op, mask_logits=mask_logits, features=features)
     require_triton(op, device)
-    return _MaskPoolTriton.apply(mask_logits.contiguous(), features.contiguous())
+    return mask_pool_forward_op(mask_logits.contiguous(), features.contiguous())

@@ -15,13 +15,19 @@ grid_sample(value_l, 2 * loc - 1).
 
 Two implementations of the contract live here: the plain-PyTorch references and Triton kernels
 (:func:`ms_deform_attn_triton`, and :func:`ms_deform_attn_fused_triton`, which also does the
-softmax and the location arithmetic of :func:`sampling_inputs`), with autograd backward passes.
+softmax and the location arithmetic of :func:`sampling_inputs`), with backward passes.
+
+The Triton entries go through custom operators, ``torch.ops.deris_kernels.msda_forward`` /
+``msda_backward`` and ``msda_fused_forward`` / ``msda_fused_backward``, made with
+``torch.library.triton_op``: torch.compile, torch.export and AOTInductor see them (and, on a GPU,
+the kernels inside) without a graph break. Traced on CPU, their bodies run the reference.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +38,16 @@ from ._triton_support import (
     check_float,
     check_same_device,
     check_shape,
+    gradient_like,
     jit,
     launch,
+    reference_vjp,
     require_triton,
+    skipped_gradient,
     tl,
+    traced_on_cpu,
     triton,
+    triton_op,
 )
 
 SpatialShapes = torch.Tensor | Sequence[tuple[int, int]]
@@ -516,80 +527,6 @@ def _launch_config(value: torch.Tensor, num_queries: int, num_levels: int, num_p
     return grid, meta
 
 
-def _value_gradient(value: torch.Tensor, needed: bool) -> torch.Tensor:
-    """The fp32 buffer the backward scatters the value gradient into (a scatter: accumulate in
-    fp32, round once at the end); when unneeded, value itself stands in and is never written."""
-    if not needed:
-        return value
-    check_deterministic("ms_deform_attn", value.device)
-    return torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-
-
-class _MSDeformAttnTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, levels, locations, weights):
-        batch, num_keys, heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = locations.shape
-        out = value.new_empty(batch, num_queries, heads, head_dim)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
-        launch(_msda_forward_kernel, grid, value, levels, locations, weights, out, num_keys, num_queries, **meta)
-        ctx.save_for_backward(value, levels, locations, weights)
-        return out.view(batch, num_queries, heads * head_dim)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        value, levels, locations, weights = ctx.saved_tensors
-        _, num_keys, _, _ = value.shape
-        _, num_queries, _, num_levels, num_points, _ = locations.shape
-        needs = ctx.needs_input_grad
-        grad_value = _value_gradient(value, needs[0])
-        grad_locations = torch.empty_like(locations)
-        grad_weights = torch.empty_like(weights)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
-        launch(_msda_backward_kernel, grid, value, levels, locations, weights, grad_out.contiguous(),
-               grad_value, grad_locations, grad_weights, num_keys, num_queries, VALUE_GRAD=needs[0], **meta)
-        return (grad_value.to(value.dtype) if needs[0] else None, None,
-                grad_locations if needs[2] else None, grad_weights if needs[3] else None)
-
-
-class _MSDeformAttnFusedTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, levels, reference_points, sampling_offsets, attention_logits):
-        batch, num_keys, heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
-        out = value.new_empty(batch, num_queries, heads, head_dim)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
-        launch(_msda_fused_forward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
-               out, num_keys, num_queries, **meta)
-        ctx.save_for_backward(value, levels, reference_points, sampling_offsets, attention_logits)
-        return out.view(batch, num_queries, heads * head_dim)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        value, levels, reference_points, sampling_offsets, attention_logits = ctx.saved_tensors
-        _, num_keys, _, _ = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
-        needs = ctx.needs_input_grad
-        grad_value = _value_gradient(value, needs[0])
-        # fp32, because the reference points' gradient is summed from it below.
-        grad_offsets = torch.empty(sampling_offsets.shape, dtype=torch.float32, device=value.device)
-        grad_logits = torch.empty_like(attention_logits)
-        grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
-        launch(_msda_fused_backward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
-               grad_out.contiguous(), grad_value, grad_offsets, grad_logits, num_keys, num_queries,
-               BLOCK_LP=triton.next_power_of_2(num_levels * num_points), VALUE_GRAD=needs[0], **meta)
-        grad_reference = None
-        if needs[2]:
-            # loc = ref + offset / (W, H): d(ref) = sum over heads and points of d(offset) * (W, H).
-            sizes = levels[:, :2].flip(-1).to(torch.float32)  # [L, (W, H)], without an index tensor
-            grad_reference = (grad_offsets * sizes[:, None, :]).sum(dim=(2, 4)).to(reference_points.dtype)
-        return (grad_value.to(value.dtype) if needs[0] else None, None, grad_reference,
-                grad_offsets.to(sampling_offsets.dtype) if needs[3] else None,
-                grad_logits if needs[4] else None)
-
-
 @functools.lru_cache(maxsize=64)
 def _level_table(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """[L, 3] int32 (height, width, first key) on ``device``, built once per (shapes, device)."""
@@ -601,6 +538,178 @@ def _level_table(shapes: tuple[tuple[int, int], ...], device: torch.device) -> t
     # could not be saved for a later backward.
     with torch.inference_mode(False):
         return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _levels(shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """The level table; uncached while torch.compile or torch.export traces, where the tensor
+    built is a fake or a graph constant that must not outlive the trace."""
+    if torch.compiler.is_compiling():
+        return _level_table.__wrapped__(tuple(shapes), device)
+    return _level_table(tuple(shapes), device)
+
+
+def _pairs(spatial_shapes: list[int]) -> list[tuple[int, int]]:
+    """(height, width) pairs from the operators' flat [H_0, W_0, H_1, W_1, ...] (a schema has no
+    list of pairs)."""
+    return list(zip(spatial_shapes[::2], spatial_shapes[1::2]))
+
+
+def _flat(shapes: list[tuple[int, int]]) -> list[int]:
+    return [size for shape in shapes for size in shape]
+
+
+def _value_gradient(value: torch.Tensor, needed: bool) -> torch.Tensor:
+    """The fp32 buffer the backward scatters the value gradient into (a scatter: accumulate in
+    fp32, round once at the end); when unneeded, value itself stands in and is never written."""
+    if not needed:
+        return value
+    check_deterministic("ms_deform_attn", value.device)
+    return torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+
+
+# The custom operators. Their bodies launch the kernels (a forward traced on CPU runs the reference
+# instead); their fake implementations only describe the outputs. The backward is functional
+# (register_autograd): it calls the backward operator, so that torch.compile and torch.export see
+# every step, or, where the forward was traced as the reference, differentiates the reference.
+
+def _msda_forward(value: torch.Tensor, spatial_shapes: list[int], locations: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    shapes = _pairs(spatial_shapes)
+    if traced_on_cpu(value):
+        return ms_deform_attn_reference(value, shapes, None, locations, weights)
+    batch, num_keys, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = locations.shape
+    out = value.new_empty(batch, num_queries, heads, head_dim)
+    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
+    launch(_msda_forward_kernel, grid, value, _levels(shapes, value.device), locations, weights, out, num_keys,
+           num_queries, **meta)
+    return out.view(batch, num_queries, heads * head_dim)
+
+
+def _msda_backward(value: torch.Tensor, spatial_shapes: list[int], locations: torch.Tensor, weights: torch.Tensor,
+                   grad_out: torch.Tensor, value_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shapes = _pairs(spatial_shapes)
+    _, num_keys, _, _ = value.shape
+    _, num_queries, _, num_levels, num_points, _ = locations.shape
+    grad_value = _value_gradient(value, value_grad)
+    grad_locations = torch.empty_like(locations)
+    grad_weights = torch.empty_like(weights)
+    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
+    launch(_msda_backward_kernel, grid, value, _levels(shapes, value.device), locations, weights, grad_out,
+           grad_value, grad_locations, grad_weights, num_keys, num_queries, VALUE_GRAD=value_grad, **meta)
+    return grad_value.to(value.dtype) if value_grad else skipped_gradient(value), grad_locations, grad_weights
+
+
+def _msda_fused_forward(value: torch.Tensor, spatial_shapes: list[int], reference_points: torch.Tensor,
+                        sampling_offsets: torch.Tensor, attention_logits: torch.Tensor) -> torch.Tensor:
+    shapes = _pairs(spatial_shapes)
+    if traced_on_cpu(value):
+        return ms_deform_attn_fused_reference(value, shapes, None, reference_points, sampling_offsets,
+                                              attention_logits)
+    batch, num_keys, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
+    out = value.new_empty(batch, num_queries, heads, head_dim)
+    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
+    launch(_msda_fused_forward_kernel, grid, value, _levels(shapes, value.device), reference_points, sampling_offsets,
+           attention_logits, out, num_keys, num_queries, **meta)
+    return out.view(batch, num_queries, heads * head_dim)
+
+
+def _msda_fused_backward(
+    value: torch.Tensor, spatial_shapes: list[int], reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor, grad_out: torch.Tensor, value_grad: bool, reference_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of value, reference_points, sampling_offsets and attention_logits."""
+    shapes = _pairs(spatial_shapes)
+    _, num_keys, _, _ = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
+    levels = _levels(shapes, value.device)
+    grad_value = _value_gradient(value, value_grad)
+    # fp32, because the reference points' gradient is summed from it below.
+    grad_offsets = torch.empty(sampling_offsets.shape, dtype=torch.float32, device=value.device)
+    grad_logits = torch.empty_like(attention_logits)
+    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
+    launch(_msda_fused_backward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
+           grad_out, grad_value, grad_offsets, grad_logits, num_keys, num_queries,
+           BLOCK_LP=triton.next_power_of_2(num_levels * num_points), VALUE_GRAD=value_grad, **meta)
+    grad_reference = skipped_gradient(reference_points)
+    if reference_grad:
+        # loc = ref + offset / (W, H): d(ref) = sum over heads and points of d(offset) * (W, H).
+        sizes = levels[:, :2].flip(-1).to(torch.float32)  # [L, (W, H)], without an index tensor
+        grad_reference = (grad_offsets * sizes[:, None, :]).sum(dim=(2, 4)).to(reference_points.dtype)
+    return (grad_value.to(value.dtype) if value_grad else skipped_gradient(value), grad_reference,
+            grad_offsets.to(sampling_offsets.dtype), grad_logits)
+
+
+msda_forward_op = triton_op("msda_forward", _msda_forward)
+msda_backward_op = triton_op("msda_backward", _msda_backward)
+msda_fused_forward_op = triton_op("msda_fused_forward", _msda_fused_forward)
+msda_fused_backward_op = triton_op("msda_fused_backward", _msda_fused_backward)
+
+
+def _output_like(value: torch.Tensor, queries: int) -> torch.Tensor:
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty(batch, queries, heads * head_dim)
+
+
+@msda_forward_op.register_fake
+def _msda_forward_fake(value: torch.Tensor, spatial_shapes: list[int], locations: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    return _output_like(value, locations.shape[1])
+
+
+@msda_backward_op.register_fake
+def _msda_backward_fake(value: torch.Tensor, spatial_shapes: list[int], locations: torch.Tensor,
+                        weights: torch.Tensor, grad_out: torch.Tensor,
+                        value_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gradient_like(value, value_grad), gradient_like(locations), gradient_like(weights)
+
+
+@msda_fused_forward_op.register_fake
+def _msda_fused_forward_fake(value: torch.Tensor, spatial_shapes: list[int], reference_points: torch.Tensor,
+                             sampling_offsets: torch.Tensor, attention_logits: torch.Tensor) -> torch.Tensor:
+    return _output_like(value, sampling_offsets.shape[1])
+
+
+@msda_fused_backward_op.register_fake
+def _msda_fused_backward_fake(
+    value: torch.Tensor, spatial_shapes: list[int], reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor, grad_out: torch.Tensor, value_grad: bool, reference_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (gradient_like(value, value_grad), gradient_like(reference_points, reference_grad),
+            gradient_like(sampling_offsets), gradient_like(attention_logits))
+
+
+def _save_inputs(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    """setup_context of both forward operators: every input but the level sizes (second) is saved."""
+    value, spatial_shapes, *tensors = inputs
+    ctx.spatial_shapes = spatial_shapes
+    ctx.save_for_backward(value, *tensors)
+
+
+def _gradients(ctx: Any, grad_out: torch.Tensor, *, reference: Callable[..., torch.Tensor],
+               backward_op: torch.library.CustomOpDef, flagged: tuple[int, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Backward of both forward operators: ``backward_op``, told by a flag per input in ``flagged``
+    whether that gradient is needed, or, traced on CPU, the gradient of ``reference``."""
+    value, *tensors = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if traced_on_cpu(value):  # the forward traced as the reference: differentiate that
+        shapes = _pairs(ctx.spatial_shapes)
+        grads = reference_vjp(lambda v, *rest: reference(v, shapes, None, *rest), (value, *tensors), grad_out)
+    else:
+        grads = backward_op(value, ctx.spatial_shapes, *tensors, grad_out.contiguous(),
+                            *(needs[index] for index in flagged))
+    # The level sizes (input 1) get no gradient.
+    return grads[0] if needs[0] else None, None, *(grad if need else None for grad, need in zip(grads[1:], needs[2:]))
+
+
+msda_forward_op.register_autograd(
+    functools.partial(_gradients, reference=ms_deform_attn_reference, backward_op=msda_backward_op, flagged=(0,)),
+    setup_context=_save_inputs)
+msda_fused_forward_op.register_autograd(
+    functools.partial(_gradients, reference=ms_deform_attn_fused_reference, backward_op=msda_fused_backward_op,
+                      flagged=(0, 2)),
+    setup_context=_save_inputs)
 
 
 def _check_levels(op: str, value: torch.Tensor, spatial_shapes: SpatialShapes,
@@ -660,8 +769,8 @@ def ms_deform_attn_triton(
     device = check_same_device(op, value=value, sampling_locations=sampling_locations,
                                attention_weights=attention_weights)
     require_triton(op, device)
-    return _MSDeformAttnTriton.apply(value.contiguous(), _level_table(tuple(shapes), device),
-                                     sampling_locations.contiguous(), attention_weights.contiguous())
+    return msda_forward_op(value.contiguous(), _flat(shapes), sampling_locations.contiguous(),
+                           attention_weights.contiguous())
 
 
 def ms_deform_attn_fused_triton(
@@ -694,6 +803,5 @@ def ms_deform_attn_fused_triton(
     device = check_same_device(op, value=value, reference_points=reference_points,
                                sampling_offsets=sampling_offsets, attention_logits=attention_logits)
     require_triton(op, device)
-    return _MSDeformAttnFusedTriton.apply(value.contiguous(), _level_table(tuple(shapes), device),
-                                          reference_points.contiguous(), sampling_offsets.contiguous(),
-                                          attention_logits.contiguous())
+    return msda_fused_forward_op(value.contiguous(), _flat(shapes), reference_points.contiguous(),
+                                 sampling_offsets.contiguous(), attention_logits.contiguous())
