@@ -11,7 +11,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from deris.cli_support import EXIT_OK, UsageError, add_command, add_force, add_preset, add_quiet, run_main
+from deris.cli_support import (
+    EXIT_OK,
+    UsageError,
+    add_command,
+    add_force,
+    add_preset,
+    add_quiet,
+    resolve_model,
+    resolve_tokenizer,
+    run_main,
+)
 
 PROG = "deris"
 
@@ -22,14 +32,16 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
         help="segment what one or more expressions refer to in an image",
         description="Run DeRIS on one image and one or more expressions. Writes, per expression i, a binary mask "
         "<image>.t<i>.mask.png (0/255, the original size) and an overlay <image>.t<i>.overlay.png, plus one "
-        "<image>.json with per-query scores, the selected queries and the no-target decision.",
-        examples="  deris predict --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --tokenizer beit3.spm \\\n"
+        "<image>.json with per-query scores, the selected queries and the no-target decision. Without --preset, "
+        "--checkpoint and --tokenizer it runs the built-in demo model (coloured shapes: try `deris demo`).",
+        examples="  deris predict --image shapes.png --text 'the red circle' --out out/     # the built-in demo model\n"
+        "  deris predict --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --tokenizer beit3.spm \\\n"
         "      --image kitchen.jpg --text 'the cup left of the kettle' --text 'the dog' --out out/",
     )
-    add_preset(p)
+    add_preset(p, required=False, extra=" (default: the built-in demo model)")
     p.add_argument("--checkpoint", type=Path, help="official DeRIS checkpoint (.pth) or a deris-format file")
-    p.add_argument("--random-weights", action="store_true", help="run without a checkpoint (smoke test; masks are meaningless)")
-    p.add_argument("--tokenizer", type=Path, required=True, help="BEiT-3 sentencepiece model (beit3.spm)")
+    p.add_argument("--random-weights", action="store_true", help="run --preset without a checkpoint (smoke test; masks are meaningless)")
+    p.add_argument("--tokenizer", type=Path, help="BEiT-3 sentencepiece model (beit3.spm); needed with --preset")
     p.add_argument("--image", type=Path, required=True, help="input image (JPEG, PNG, ...)")
     p.add_argument("--text", action="append", required=True, help="referring expression; repeat for several")
     p.add_argument("--score-threshold", type=float, help="override the preset's score threshold, in (0, 1)")
@@ -40,19 +52,15 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    if (args.checkpoint is None) == (not args.random_weights):
-        raise UsageError("pass exactly one of --checkpoint FILE or --random-weights (a smoke test; masks are meaningless)")
-    if args.random_weights:
-        print("warning: running with random weights: the masks are meaningless", file=sys.stderr)
+    preset, checkpoint = resolve_model(args.preset, args.checkpoint, args.random_weights, args.tokenizer)
+    tokenizer = resolve_tokenizer(preset, args.tokenizer)
     import cv2
 
     from deris.outputs import print_predictions, write_prediction_files
     from deris.predictor import Predictor
     from deris.preprocess import load_image
 
-    predictor = Predictor.from_checkpoint(
-        args.preset, args.checkpoint, args.tokenizer, device=args.device, score_threshold=args.score_threshold
-    )
+    predictor = Predictor.from_checkpoint(preset, checkpoint, tokenizer, device=args.device, score_threshold=args.score_threshold)
     # Decode once: the original serves both the model inputs and the overlay.
     image_rgb = cv2.cvtColor(load_image(args.image), cv2.COLOR_BGR2RGB)
     prepared = predictor.prepare(image_rgb)
@@ -99,6 +107,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deris.demo import register as register_demo
     from deris.eval import register as register_eval
     from deris.training.cli import add_make_synthetic, add_train
     from deris.triton_repo.client import register as register_client
@@ -117,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_synthetic(sub)
     add_train(sub)
     register_eval(sub)
+    register_demo(sub)
     return parser
 
 

@@ -87,6 +87,42 @@ def add_onnx(parser: argparse.ArgumentParser, *, required: bool, help: str = "ON
     parser.add_argument("--onnx", type=Path, required=required, metavar="DIR", help=help)
 
 
+DEMO_NOTE = (
+    "using the built-in demo model (deris-demo: a small DeRIS trained on synthetic coloured shapes; "
+    "pass --preset and --checkpoint for an official model)"
+)
+
+
+def resolve_model(preset: str | None, checkpoint: Path | None, random_weights: bool,
+                  tokenizer: Path | None = None) -> tuple[str, Path | None]:
+    """(preset, checkpoint) a command runs: the arguments given or, when none of them (nor a
+    tokenizer) is, the built-in demo model, announced on stderr. A None checkpoint means random weights."""
+    from deris.demo import DEMO_WEIGHTS, PRESET, verify_asset
+
+    if preset is None and checkpoint is None and tokenizer is None and not random_weights:
+        print(DEMO_NOTE, file=sys.stderr)
+        return PRESET, verify_asset(DEMO_WEIGHTS)
+    if preset is None:
+        raise UsageError("--checkpoint, --tokenizer and --random-weights go with --preset NAME "
+                         "(or pass none of them to use the built-in demo model)")
+    if (checkpoint is None) == (not random_weights):
+        raise UsageError("pass exactly one of --checkpoint FILE or --random-weights (a smoke test; masks are meaningless)")
+    if random_weights:
+        print("warning: RANDOM weights (--random-weights): the outputs are meaningless", file=sys.stderr)
+    return preset, checkpoint
+
+
+def resolve_tokenizer(preset: str, tokenizer: Path | None) -> Path:
+    """The tokenizer given, or the demo model's own for the demo preset (sha256-checked)."""
+    from deris.demo import DEMO_TOKENIZER, PRESET, verify_asset
+
+    if tokenizer is not None:
+        return tokenizer
+    if preset == PRESET:
+        return verify_asset(DEMO_TOKENIZER)
+    raise UsageError(f"--tokenizer is required with --preset {preset} (the BEiT-3 sentencepiece model, beit3.spm)")
+
+
 def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, run the chosen command and map its outcome to the exit codes above."""
     args = parser.parse_args(argv)

@@ -190,6 +190,23 @@ PRESETS: dict[str, DerisConfig] = {
         image_size=128,
         score_threshold=0.5,
     ),
+    # The demo model shipped in deris/assets (deris.demo): the same architecture at small widths, trained
+    # from scratch on CPU on the synthetic scenes (deris.scenes) with a grammar tokenizer of 54 ids
+    # (52 pieces + 2) and at most 9 tokens an expression. 192 px keeps the 1/4-resolution mask
+    # features at 48 x 48; window 6 tiles Swin's 48/24/12/6 grids without padding.
+    "deris-demo": DerisConfig(
+        "deris-demo",
+        BEiT3Config(embed_dim=128, depth=3, num_heads=4, ffn_dim=256, vocab_size=54, img_size=128,
+                    max_text_positions=16, drop_path_rate=0.0),
+        SwinConfig(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=6, drop_path_rate=0.0),
+        PixelDecoderConfig(num_layers=2, num_heads=4, num_points=4, ffn_dim=256, num_groups=8),
+        DecoderConfig(num_heads=4, ffn_dim=256, text_attn_ffn_dim=256, aligner_layers=2, aligner_ffn_dim=128),
+        hidden_dim=64,
+        num_queries=8,
+        max_text_len=12,
+        image_size=192,
+        score_threshold=0.8,  # the best gIoU on the training data's val split (README, "Demo model")
+    ),
 }
 
 # The official config names used by the golden files and the official repository.

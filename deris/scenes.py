@@ -386,3 +386,18 @@ def write_dataset(
     }
     (out / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# --- the grammar's language ---------------------------------------------------------------------------
+
+
+def grammar_expressions() -> list[str]:
+    """Every expression the generator can write (the templates of ``_candidates``, ``_positional`` and
+    ``_absent_expressions`` over all attribute filters), sorted: the corpus for a grammar tokenizer."""
+    texts: set[str] = set()
+    for f in _filters():
+        singular, plural = _phrase(f), _phrase(f, plural=True)
+        texts.update({f"the {singular}", f"all {plural}", f"the {plural}", f"both {plural}", f"the two {plural}"})
+        texts.update(f"the {where} {singular}" for where in ("leftmost", "rightmost"))
+        texts.update(f"the {singular} {where}" for where in ("on the left", "on the right", "at the top", "at the bottom"))
+    return sorted(texts)

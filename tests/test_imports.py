@@ -170,3 +170,34 @@ def test_postprocess_model_needs_no_model_or_kernels(python_repo: Path, tiny_exp
         assert not loaded, loaded
     """, blocked=("deris.modeling", "deris.kernels", "triton"))
     assert result.returncode == 0, result.stderr
+
+
+def _subcommands(parser: Any) -> dict[str, Any]:
+    import argparse
+
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_one_cli_convention() -> None:
+    """Every command of both CLIs lists the exit codes, names presets with --preset, replaces
+    outputs only with --force and, where it writes output, can be made --quiet."""
+    from deris.cli import build_parser as deris_parser
+    from deris.cli_support import EXIT_CODES
+    from deris.export.cli import build_parser as export_parser
+
+    instant = {"deris eval-merge"}  # merges saved states: nothing long-running to quiet
+    commands = {f"deris {k}": v for k, v in _subcommands(deris_parser()).items()}
+    commands |= {f"deris-export {k}": v for k, v in _subcommands(export_parser()).items()}
+    assert {"deris predict", "deris client", "deris serve", "deris-export onnx", "deris-export trt", "deris-export triton-repo"} <= set(commands)
+    for name, parser in commands.items():
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        assert parser.epilog and EXIT_CODES in parser.epilog, f"{name}: --help does not list the exit codes"
+        if "--out" in flags:
+            assert "--force" in flags, f"{name} writes --out but has no --force"
+            assert "--quiet" in flags or name in instant, f"{name} writes output but has no --quiet"
+        for other in ("--onnx-dir", "--export", "--config"):
+            assert other not in flags, f"{name} uses {other}; the convention is --onnx / --preset"
+        preset = [a for a in parser._actions if "--preset" in a.option_strings]
+        if preset:
+            assert preset[0].type.__name__ == "preset_name", f"{name}: --preset does not accept names the common way"

@@ -82,7 +82,7 @@ def test_predict_cli_writes_images_of_input_size(spm_path, image_path, tmp_path)
         "--image", str(image_path), "--text", "the man on the left", "--text", "a red cup", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "random weights" in result.stderr and "meaningless" in result.stderr
+    assert "RANDOM weights" in result.stderr and "meaningless" in result.stderr
     for i in range(2):
         mask = Image.open(out / f"scene.t{i}.mask.png")
         assert mask.size == (210, 150) and set(np.unique(np.asarray(mask))) <= {0, 255}
@@ -121,3 +121,21 @@ def test_predict_cli_bad_inputs(spm_path, image_path, tmp_path, extra, message):
 def test_unknown_preset_cli():
     result = run_cli("predict", "--preset", "deris-xxl", "--tokenizer", "x", "--image", "y", "--text", "z", "--out", "o")
     assert result.returncode == 2 and "unknown preset 'deris-xxl'; accepted: deris-b-grefcoco" in result.stderr
+
+
+def test_predict_cli_defaults_to_the_demo_model(tmp_path):
+    """With no preset, checkpoint or tokenizer, `deris predict` runs the shipped demo model and says so in one line."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (200, 160), (90, 90, 90))
+    ImageDraw.Draw(image).ellipse((30, 40, 100, 110), fill=(220, 30, 30))
+    path = tmp_path / "shapes.png"
+    image.save(path)
+    result = run_cli("predict", "--image", str(path), "--text", "the red circle", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line] == [result.stderr.strip()]
+    assert "built-in demo model" in result.stderr
+    report = json.loads((tmp_path / "out" / "shapes.json").read_text())
+    assert len(report["results"][0]["scores"]) == deris.get_config("deris-demo").num_queries
+    result = run_cli("predict", "--checkpoint", "x.pth", "--image", str(path), "--text", "a", "--out", str(tmp_path / "o2"))
+    assert result.returncode == 2 and "go with --preset NAME" in result.stderr

@@ -43,7 +43,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
         description="Train a preset on a referring-segmentation split in the official gRefCOCO/RefCOCO layout "
         "(or the refer toolkit's): Hungarian matching and the official losses on all four decoder rounds, NSC on "
         "gRefCOCO, Adam+AMSGrad with the official parameter groups, gradient clipping at 0.15 and the official "
-        "multi-step schedule, Swin frozen. Writes OUT/last.pt (resumable; loads with deris.load_checkpoint), "
+        "multi-step schedule, Swin frozen (unless --train-swin). Writes OUT/last.pt (resumable; loads with deris.load_checkpoint), "
         "OUT/model.safetensors, OUT/config.json and OUT/train_log.jsonl. Several GPUs: launch with torchrun.",
         run=run_train,
         examples=_TRAIN_EXAMPLES,
@@ -63,6 +63,10 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--warmup-epochs", type=int, help="warmup epochs (default: official, 0 or 1)")
     p.add_argument("--decay-epochs", type=_decay_epochs, metavar="E1,E2", help="1-based epochs where lr x 0.1 begins (official: 6; 15,19)")
     p.add_argument("--lr", type=float, default=1e-4, help="base learning rate (default 1e-4; BEiT-3 gets lr/2, Swin lr/10)")
+    p.add_argument("--lr-beit3", type=float, metavar="LR", help="BEiT-3's learning rate (default: --lr / 2, official)")
+    p.add_argument("--lr-swin", type=float, metavar="LR", help="Swin's learning rate when trained (default: --lr / 10, official)")
+    p.add_argument("--train-swin", action="store_true",
+                   help="train Swin too (for training from scratch; official: frozen, as it starts pretrained)")
     p.add_argument("--batch-size", type=int, help="samples per process (default: 1 for grefcoco, 16 otherwise, as official)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (default off: fp32, official)")
     p.add_argument("--no-nsc", dest="nsc", action="store_false", help="disable non-referent sample conversion (gRefCOCO)")
@@ -101,9 +105,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         init=str(args.init) if args.init else None,
         schedule=replace(base, epochs=epochs, decay_epochs=decay, warmup_epochs=warmup),
         lr=args.lr,
-        lr_beit3=args.lr / 2,
+        lr_beit3=args.lr / 2 if args.lr_beit3 is None else args.lr_beit3,
         lr_pixel_decoder=args.lr,
-        lr_swin=args.lr / 10,
+        lr_swin=args.lr / 10 if args.lr_swin is None else args.lr_swin,
+        train_swin=args.train_swin,
         batch_size=args.batch_size or (1 if args.dataset == "grefcoco" else 16),
         amp=args.amp,
         nsc=args.nsc,

@@ -124,6 +124,8 @@ class TrainConfig:
     lr_beit3: float = 5e-5
     lr_pixel_decoder: float = 1e-4
     lr_swin: float = 1e-5
+    # Official: Swin is pretrained and frozen. Training from scratch (the demo model) trains it too.
+    train_swin: bool = False
     batch_size: int = 1
     grad_clip: float = 0.15
     amp: str = "off"
@@ -577,7 +579,8 @@ def _train(
         load_checkpoint(model, cfg.init)
     if state is not None:
         load_checkpoint(model, state["state_dict"])
-    freeze_swin(model)
+    if not cfg.train_swin:
+        freeze_swin(model)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
