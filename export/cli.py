@@ -19,6 +19,7 @@ from deris.cli_support import (
     add_onnx,
     add_preset,
     add_quiet,
+    resolve_model,
     run_main,
 )
 from deris.export.options import MSDA_MODES, PRECISIONS, ExportOptions, check_resolution
@@ -38,10 +39,11 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from deris.config import get_config
 
     # Cheap checks first: a bad output directory should not wait for a checkpoint to load.
-    cfg = get_config(args.preset)
+    preset, checkpoint = resolve_model(args.preset, args.checkpoint, args.random_weights)
+    cfg = get_config(preset)
     resolution = check_resolution(args.resolution if args.resolution is not None else cfg.image_size)
     check_output_dir(Path(args.out), args.force)
-    weights = "random" if args.random_weights else Path(args.checkpoint).name
+    weights = "random" if checkpoint is None else Path(checkpoint).name
     options = ExportOptions(resolution, args.msda, args.precision, args.graphs, weights)
     from deris.topology import pipeline_topology
 
@@ -50,9 +52,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from deris.export.onnx_export import export_onnx, load_model
     from deris.export.verify import format_table, verify_export
 
-    model = load_model(args.preset, args.checkpoint)
-    if args.random_weights:
-        print("warning: exporting RANDOM weights (--random-weights): the graphs' outputs are meaningless", file=sys.stderr)
+    model = load_model(preset, checkpoint)
     out = export_onnx(model, args.out, options, force=args.force, progress=not args.quiet)
     print(f"wrote {out}")
     if args.no_verify:
@@ -73,17 +73,19 @@ def register_onnx(subparsers: argparse._SubParsersAction) -> None:
         description="Export the cognition and perception encoders, one graph per loopback round and the fused decoder "
         "(the cut is in docs/deployment.md), with a dynamic batch axis and a fixed perception resolution. Every graph "
         "is then run in ONNX Runtime and compared with PyTorch; a table shows each output's error.",
-        examples="  deris-export onnx --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --out exports/b-384\n"
+        examples="  deris-export onnx --out exports/demo                 # the built-in demo model\n"
+        "  deris-export onnx --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --out exports/b-384\n"
         "  deris-export onnx --preset deris-tiny --random-weights --msda trt-plugin --precision fp16 --out /tmp/t",
     )
-    add_preset(p)
-    weights = p.add_mutually_exclusive_group(required=True)
+    add_preset(p, required=False, extra=" (default: the built-in demo model)")
+    weights = p.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="official or deris-format checkpoint to load")
     weights.add_argument("--random-weights", action="store_true", help="export randomly initialised weights (for testing only)")
     p.add_argument("--resolution", type=int, help="perception input size, a positive multiple of 32 (default: the preset's)")
     p.add_argument("--msda", choices=MSDA_MODES, default="gridsample",
-                   help="how deformable attention is exported: gridsample (ONNX GridSample, runs anywhere) or trt-plugin "
-                   "(TensorRT's MultiscaleDeformableAttnPlugin_TRT node) (default: gridsample)")
+                   help="how deformable attention is exported: gridsample (ONNX GridSample, runs anywhere), trt-plugin "
+                   "(TensorRT's MultiscaleDeformableAttnPlugin_TRT node) or triton-plugin (this project's Triton kernel as an "
+                   "ahead-of-time TensorRT plugin) (default: gridsample)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="graph storage precision (default: fp32)")
     p.add_argument("--graphs", type=_graph_list, help="comma-separated subset of the graphs, e.g. cognition,perception (default: all)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
@@ -93,28 +95,64 @@ def register_onnx(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_trt(args: argparse.Namespace) -> int:
-    from deris.export.tensorrt_build import build_engines
+    from deris.export.tensorrt_build import TrtRequest, run_trt
 
-    out = build_engines(
-        args.onnx, args.out, opt_batch=args.opt_batch, max_batch=args.max_batch, workspace_gib=args.workspace_gib,
-        force=args.force, progress=not args.quiet,
+    request = TrtRequest(
+        out=args.out, onnx=args.onnx, preset=args.preset, checkpoint=args.checkpoint, random_weights=args.random_weights,
+        precision=args.precision, resolution=args.resolution, msda=args.msda, opt_batch=args.opt_batch,
+        max_batch=args.max_batch, trt_version=args.trt_version, plugin_version=args.plugin_version,
+        workspace_gib=args.workspace_gib, timing_cache=args.timing_cache, check_only=args.check_only, force=args.force,
     )
-    print(f"wrote {out}")
+    out = run_trt(request, progress=not args.quiet)
+    if out is not None:
+        print(f"wrote {out}")
     return EXIT_OK
 
 
 def register_trt(subparsers: argparse._SubParsersAction) -> None:
+    from deris.export.trt_preflight import DEFAULT_TARGET, PLUGIN_VERSIONS
+
     p = add_command(
         subparsers, "trt", run=_run_trt,
-        help="build TensorRT engines from an ONNX export directory (needs TensorRT and a GPU)",
-        description="Build one TensorRT engine per graph of an ONNX export, with an optimisation profile over the batch.",
-        examples="  deris-export trt --onnx exports/b-384 --out engines/b-384",
+        help="build TensorRT engines from a checkpoint or an ONNX export, and check them (needs TensorRT and a GPU)",
+        description="From a checkpoint: export the ONNX graphs into OUT/onnx and verify them in ONNX Runtime, as "
+        "`deris-export onnx` does. Then check every graph against what the targeted TensorRT's ONNX parser supports "
+        "(the preflight; --check-only stops there), build one strongly typed engine per graph with an optimisation "
+        "profile over the batch and a shared timing cache, and compare every engine with ONNX Runtime and the engine "
+        "pipeline's masks with fp32 PyTorch. Without TensorRT the command stops after the preflight and says what to "
+        "install; OUT then holds only the verified graphs.",
+        examples="  deris-export trt --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --precision fp16 --out engines/b\n"
+        "  deris-export trt --onnx exports/b-384 --max-batch 8 --out engines/b-384\n"
+        "  deris-export trt --onnx exports/b-384 --check-only --trt-version 10.9",
     )
-    add_onnx(p, required=True)
-    p.add_argument("--out", required=True, help="output directory for <graph>.plan files and manifest.json")
+    # What to build from: --preset with --checkpoint (or --random-weights), or --onnx (checked by run_trt).
+    add_preset(p, required=False)
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", type=Path,
+                         help="official or deris-format checkpoint (with --onnx: the export's weights, for the end-to-end check)")
+    weights.add_argument("--random-weights", action="store_true", help="randomly initialised weights (for testing only)")
+    add_onnx(p, required=False, help="ONNX export directory (from `deris-export onnx`) to build from, instead of --preset")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp16: the strongly typed fp16 graph with its float32 islands; fp32: fp32 throughout "
+                   "(default: fp16 from a checkpoint, the export's precision with --onnx)")
+    p.add_argument("--resolution", type=int, help="perception input size, a positive multiple of 32 (default: the preset's)")
+    p.add_argument("--msda", choices=MSDA_MODES, default="trt-plugin",
+                   help="how deformable attention is exported: trt-plugin (TensorRT's MultiscaleDeformableAttnPlugin_TRT), "
+                   "triton-plugin (this project's Triton kernel as an AOT plugin, TensorRT >= 10.9) or gridsample "
+                   "(default: trt-plugin)")
+    p.add_argument("--plugin-version", choices=PLUGIN_VERSIONS, default="2",
+                   help="MultiscaleDeformableAttnPlugin_TRT version: 2 (TensorRT >= 10.11) or 1 (every TensorRT 10, "
+                   "deprecated since 10.11) (default: 2)")
     p.add_argument("--opt-batch", type=int, default=1, help="batch size TensorRT optimises for (default: 1)")
     p.add_argument("--max-batch", type=int, help="largest batch the engines accept (default: the export's maximum)")
+    p.add_argument("--trt-version", metavar="X.Y",
+                   help=f"TensorRT release the preflight checks against (default: the installed one, else {DEFAULT_TARGET})")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit in GiB (default: 4)")
+    p.add_argument("--timing-cache", type=Path, metavar="FILE",
+                   help="TensorRT timing cache to start from and update (default: the one of the OUT being replaced)")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the preflight (no TensorRT needed); with --onnx, --out is not needed")
+    p.add_argument("--out", type=Path, help="output directory: onnx/, <graph>.plan, timing.cache, parity.txt, manifest.json")
     add_force(p)
     add_quiet(p)
 

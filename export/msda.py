@@ -1,22 +1,24 @@
 """How the pixel decoder's multi-scale deformable attention (MSDA) appears in exported graphs.
 
-Two representations (``--msda``):
+Three representations (``--msda``; docs/deployment.md, "MSDA in graphs"):
 
 * ``gridsample``: the plain-PyTorch reference, exported as ONNX GridSample (opset 18; TensorRT
-  maps GridSample wrongly from opset 20 on, see DEPLOYMENT_FACTS.md section 2).
+  maps GridSample wrongly from opset 20 on).
 * ``trt-plugin``: one ``trt::MultiscaleDeformableAttnPlugin_TRT`` node per deformable layer with
   NVIDIA's contract: value [B,S,H,D], spatial shapes [L,2] INT32, level start index [L] INT32,
   sampling locations [B,Q,H,L,P,2], softmaxed attention weights [B,Q,H,L,P] -> [B,Q,H,D]. The
   softmax and the location arithmetic stay ordinary graph ops in front of the node.
+* ``triton-plugin``: one ``deris::msda_fused`` node per layer, this project's fused Triton kernel as
+  an ahead-of-time TensorRT plugin (:mod:`deris.export.triton_plugin`).
 
-In both representations MSDA computes in float32 (coordinates included) whatever the graph's
+In every representation MSDA computes in float32 (coordinates included) whatever the graph's
 precision: an fp16 graph casts around it.
 
 The model's deformable layers call ``deris.kernels.ms_deform_attn_fused`` unless
 :func:`deris.modeling.pixel_decoder.msda_function` names another function for the current context;
 :func:`msda_representation` uses that to swap in one of the implementations below for an export,
 in the exporting thread only (the dynamo exporter traces in the calling thread). Running a
-``trt-plugin`` graph on CPU needs :func:`plugin_session_options`, which registers an
+plugin graph on CPU needs :func:`plugin_session_options`, which registers an
 onnxruntime-extensions kernel that computes the node with the project's reference.
 """
 
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 
 import deris.kernels as kernels
+from deris.export import triton_plugin
+from deris.export.options import MSDA_MODES
 from deris.kernels.ms_deform_attn import (
     as_shape_list,
     ms_deform_attn_fused_reference,
@@ -38,7 +42,6 @@ from deris.kernels.ms_deform_attn import (
 )
 from deris.modeling.pixel_decoder import msda_function
 
-MSDA_MODES = ("gridsample", "trt-plugin")
 PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
 PLUGIN_DOMAIN = "trt"
 # TensorRT's ONNX parser looks plugins up by op_type and reads these two attributes; the domain
@@ -114,7 +117,11 @@ def _plugin_fused(
     return out.flatten(2).to(value.dtype)
 
 
-_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {"gridsample": _gridsample_fused, "trt-plugin": _plugin_fused}
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "gridsample": _gridsample_fused,
+    "trt-plugin": _plugin_fused,
+    "triton-plugin": triton_plugin.msda_fused,
+}
 
 
 @contextlib.contextmanager
@@ -155,7 +162,9 @@ def _register_plugin_schema() -> None:
 
 def custom_translation_table(mode: str) -> dict[Any, Callable[..., Any]]:
     """``custom_translation_table`` for ``torch.onnx.export``: maps the plugin op to its ONNX node."""
-    if check_msda_mode(mode) != "trt-plugin":
+    if check_msda_mode(mode) == "triton-plugin":
+        return triton_plugin.custom_translation_table()
+    if mode != "trt-plugin":
         return {}
     import onnxscript
 
@@ -192,12 +201,13 @@ def _register_ort_kernel() -> None:
 
 
 def plugin_session_options(options: Any = None) -> Any:
-    """ORT ``SessionOptions`` that can run ``trt::MultiscaleDeformableAttnPlugin_TRT`` nodes on CPU
+    """ORT ``SessionOptions`` that can run the plugin nodes of both plugin representations on CPU
     (through onnxruntime-extensions and the project's reference MSDA)."""
     import onnxruntime
     from onnxruntime_extensions import get_library_path
 
     _register_ort_kernel()
+    triton_plugin.register_ort_kernel()
     options = options if options is not None else onnxruntime.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     return options

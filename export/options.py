@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from deris.topology import LEVEL_STRIDES
 
 # How multi-scale deformable attention appears in the graphs (docs/deployment.md, "MSDA in graphs").
-MSDA_MODES = ("gridsample", "trt-plugin")
+MSDA_MODES = ("gridsample", "trt-plugin", "triton-plugin")
 PRECISIONS = ("fp32", "fp16")
 
 

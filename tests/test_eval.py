@@ -26,7 +26,6 @@ from deris.postprocess import decide
 from deris.predictor import Predictor
 from deris.triton_repo.client import DerisClient
 
-
 PRESET = "deris-tiny"  # tis.PRESET
 TinyExport = Any  # tis.TinyExport: checkpoint, onnx_dir, spm
 

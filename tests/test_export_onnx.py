@@ -244,9 +244,11 @@ def test_cli_rejects_existing_and_unwritable_output(tmp_path, capsys):
     assert "cannot write the output directory" in capsys.readouterr().err
     assert cli.main(["onnx", "--preset", TINY, "--random-weights", "--out", "/proc/deris-export-test"]) == 2
     assert "cannot write the output directory" in capsys.readouterr().err
-    # argparse-level errors exit 2 as well.
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["onnx", "--preset", TINY, "--out", str(tmp_path / "x")])  # neither --checkpoint nor --random-weights
+    # --preset without weights is refused; no preset and no weights means the built-in demo model.
+    assert cli.main(["onnx", "--preset", TINY, "--out", str(tmp_path / "x")]) == 2
+    assert "pass exactly one of --checkpoint FILE or --random-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse-level errors exit 2 as well
+        cli.main(["onnx", "--random-weights", "--checkpoint", "w.pth", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
 
 
@@ -264,16 +266,22 @@ def test_cli_with_checkpoint(tmp_path, tiny_model, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_trt_needs_tensorrt(tmp_path, capsys):
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        pass
-    else:
+def test_cli_trt_needs_tensorrt(gridsample_export, tmp_path, capsys):
+    """Without TensorRT, `trt` still checks the graphs, keeps them in OUT/onnx, builds nothing and
+    exits 2 saying what to install (tests/test_tensorrt.py covers the export from a checkpoint)."""
+    from deris.export.tensorrt_build import tensorrt_module
+
+    if tensorrt_module() is not None:
         pytest.skip("TensorRT is installed here")
-    assert cli.main(["trt", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")]) == 2
-    assert "TensorRT is not installed" in capsys.readouterr().err
-    assert not (tmp_path / "engines").exists()
+    out = tmp_path / "engines"
+    assert cli.main(["trt", "--onnx", str(gridsample_export), "--out", str(out), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "preflight passed for TensorRT 10.13" in captured.out
+    assert "TensorRT is not installed here" in captured.err and f"are in {out / 'onnx'}" in captured.err
+    assert [p.name for p in out.iterdir()] == ["onnx"]  # no engines, no engine manifest
+    assert (out / "onnx" / "manifest.json").read_bytes() == (gridsample_export / "manifest.json").read_bytes()
+    assert cli.main(["trt", "--onnx", str(tmp_path), "--out", str(tmp_path / "other")]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def _interrupt_after(monkeypatch, graphs_done: int) -> None:

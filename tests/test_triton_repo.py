@@ -22,20 +22,22 @@ from deris.atomic import OutputError  # noqa: E402
 from deris.export.cli import main as export_main  # noqa: E402
 from deris.triton_repo.repository import RepoError, generate_triton_repo, graph_names, read_export, register  # noqa: E402
 
-
 MANIFEST_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
 
-def fake_engines(tiny_export: TinyExport, folder: Path, max_batch: int = MAX_BATCH_SIZE) -> Path:
-    """A `deris-export trt` directory with placeholder plans (the configs do not look inside them)."""
+def fake_engines(tiny_export: TinyExport, folder: Path, max_batch: int = MAX_BATCH_SIZE, parity: bool = True) -> Path:
+    """A `deris-export trt` directory with placeholder plans (the configs do not look inside them),
+    built from the export's graphs, with the parity result ``parity``."""
     manifest = json.loads((tiny_export.onnx_dir / "manifest.json").read_text())
     engines = {}
     folder.mkdir()
-    for name in manifest["graphs"]:
+    for name, entry in manifest["graphs"].items():
         data = f"placeholder engine for {name}".encode()
         (folder / f"{name}.plan").write_bytes(data)
-        engines[name] = {"file": f"{name}.plan", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    manifest["tensorrt"] = {"version": "placeholder", "profile": {"min": 1, "opt": 1, "max": max_batch}, "engines": engines}
+        engines[name] = {"file": f"{name}.plan", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                         "onnx_sha256": entry["files"][0]["sha256"]}
+    manifest["tensorrt"] = {"version": "placeholder", "profile": {"min": 1, "opt": 1, "max": max_batch}, "engines": engines,
+                            "parity": {"passed": parity, "report": "parity.txt"}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -64,11 +66,19 @@ def test_repository_configs(tiny_export: TinyExport, tmp_path: Path, backend: st
         version = sorted(p.name for p in (repo / name / "1").iterdir())
         if backend == "tensorrt":
             assert (config.platform, group.kind, version) == ("tensorrt_plan", group.KIND_GPU, ["model.plan"])
+            # READY only once warm: zero requests at batch 1 and at the largest batch, every input.
+            assert [(w.batch_size, w.count) for w in config.model_warmup] == [(1, 1), (MAX_BATCH_SIZE, 1)]
+            for warmup in config.model_warmup:
+                assert {n: (type_name(i.data_type), list(i.dims), i.zero_data) for n, i in warmup.inputs.items()} == {
+                    t.name: (type_name(t.data_type), list(t.dims), True) for t in config.input
+                }
         elif backend == "onnxruntime":
             assert (config.platform, group.kind, version) == ("onnxruntime_onnx", group.KIND_CPU, ["model.onnx"])
         else:
             assert (config.backend, group.kind, version) == ("python", group.KIND_CPU, ["model.onnx", "model.py"])
             assert config.parameters["onnx_file"].string_value == "model.onnx"
+        if backend != "tensorrt":
+            assert not config.model_warmup
     for name in ("preprocess", "postprocess"):
         assert configs[name].backend == "python"
         assert configs[name].instance_group[0].kind == configs[name].instance_group[0].KIND_CPU
@@ -80,6 +90,22 @@ def test_repository_configs(tiny_export: TinyExport, tmp_path: Path, backend: st
     assert [t.name for t in top.output] == ["MASK", "SCORES", "NO_TARGET", "EXISTENCE_PROB"]
     assert top.parameters["score_threshold"].string_value == str(manifest["score_threshold"])
     assert not list(tmp_path.glob(".repo*")), "staging folders left behind"
+
+
+def test_tensorrt_engines_must_come_from_the_export_and_pass_parity(tiny_export: TinyExport, tmp_path: Path) -> None:
+    def generate(engines: Path) -> None:
+        generate_triton_repo(tiny_export.onnx_dir, tmp_path / "repo", "tensorrt", engines_dir=engines,
+                             spm_path=tiny_export.spm, max_batch_size=MAX_BATCH_SIZE)
+
+    with pytest.raises(RepoError, match="failed their parity check .*parity.txt.*not served"):
+        generate(fake_engines(tiny_export, tmp_path / "failed", parity=False))
+    stale = fake_engines(tiny_export, tmp_path / "stale")
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["tensorrt"]["engines"]["round_2"]["onnx_sha256"] = "0" * 64
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RepoError, match="engines for round_2 .* were not built from this ONNX export's graphs"):
+        generate(stale)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_rounds_have_unique_tensor_names(tiny_export: TinyExport, tmp_path: Path) -> None:

@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
+from tqdm import tqdm
 from tritonclient.grpc import model_config_pb2 as pb
 
 from deris.atomic import OutputError, check_output_dir, staged_directory
-from deris.cli_support import EXIT_OK, add_command, add_force, add_onnx
+from deris.cli_support import EXIT_OK, add_command, add_force, add_onnx, add_quiet, resolve_tokenizer
 from deris.config import get_config
 from deris.export.manifest import MANIFEST_NAME, read_manifest
 from deris.topology import LAYOUTS, PIPELINE_INPUTS, Topology
@@ -175,20 +176,30 @@ def read_export(onnx_dir: str | os.PathLike[str]) -> Export:
 
 def read_engines(engines_dir: str | os.PathLike[str], export: Export, names: Sequence[str]) -> tuple[dict[str, tuple[Path, str]], int]:
     """The ``<graph>.plan`` files (with their sha256) of a ``deris-export trt`` directory and the
-    largest batch its optimisation profile accepts; checked against the ONNX export."""
+    largest batch its optimisation profile accepts; checked against the ONNX export: same model
+    and resolution, each engine built from this export's graph, and the engines' parity passed."""
     folder = Path(engines_dir)
     try:
         manifest = read_manifest(folder)
         trt = manifest["tensorrt"]
-        engines = {name: (folder / trt["engines"][name]["file"], str(trt["engines"][name]["sha256"])) for name in names}
+        entries = {name: trt["engines"][name] for name in names}
+        engines = {name: (folder / entry["file"], str(entry["sha256"])) for name, entry in entries.items()}
         max_batch = int(trt["profile"]["max"])
+        parity = trt["parity"]
     except KeyError as exc:
-        raise RepoError(f"{folder} has no TensorRT engine for {exc} in its manifest.json; build it with `deris-export trt`") from exc
+        raise RepoError(f"{folder} has no TensorRT entry {exc} in its manifest.json; build it with `deris-export trt`") from exc
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise RepoError(f"{exc}; pass the output directory of `deris-export trt`") from exc
     for key, value in (("preset", export.preset), ("resolution", export.resolution)):
         if manifest.get(key) != value:
             raise RepoError(f"the engines in {folder} were built for {key} {manifest.get(key)!r}, the ONNX export has {value!r}")
+    stale = [name for name, entry in entries.items() if entry.get("onnx_sha256") != export.graphs[name].files[0][1]]
+    if stale:
+        raise RepoError(f"the engines for {', '.join(stale)} in {folder} were not built from this ONNX export's graphs; "
+                        f"pass the export they were built from ({folder / 'onnx'}) or rebuild them")
+    if not parity.get("passed"):
+        raise RepoError(f"the engines in {folder} failed their parity check (see {folder / str(parity.get('report'))}); "
+                        "they are not served")
     missing = [str(path) for path, _ in engines.values() if not path.is_file()]
     if missing:
         raise RepoError(f"missing TensorRT engine file(s): {', '.join(missing)}")
@@ -353,6 +364,7 @@ def generate_triton_repo(
     intra_op_threads: int = 1,
     max_queue_delay_us: int = 0,
     force: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a complete Triton model repository for the ONNX export in ``onnx_dir``; return its path.
 
@@ -362,7 +374,8 @@ def generate_triton_repo(
     single ``decoder`` graph). ``instances`` is the instance count of every model;
     ``intra_op_threads`` the ONNX Runtime threads per instance (CPU backends);
     ``max_queue_delay_us`` how long the dynamic batcher may wait to fill a batch. An existing
-    ``out_dir`` is replaced only with ``force``. Raises :class:`RepoError` for bad inputs.
+    ``out_dir`` is replaced only with ``force``; ``progress`` shows a bar over the graph models
+    (whose files can be GBs). Raises :class:`RepoError` for bad inputs.
     """
     from deris.text import TextEncoder, TokenizerError
 
@@ -408,7 +421,7 @@ def generate_triton_repo(
 
     with staged_directory(out, force) as staging:  # complete or absent, as the ONNX export
         _write_preprocess(staging, export, spm, settings)
-        for name in names:
+        for name in tqdm(names, desc="triton-repo", unit="model", disable=not progress):
             _write_graph(staging, export.graphs[name], settings, plans.get(name))
         _write_postprocess(staging, export, export.graphs[names[-1]], settings)
         _write_ensemble(staging, export, steps, decoder, settings)
@@ -473,6 +486,8 @@ def _write_graph(repo: Path, graph: Graph, settings: Settings, plan: tuple[Path,
     parameters: dict[str, str] = {}
     instance_kind = "KIND_CPU"
     if settings.backend == "tensorrt":
+        # Engines with MSDA plugins need no plugin library: the built-in plugin ships with
+        # TensorRT, and the triton-plugin kernel is compiled into the engine (AOT).
         assert plan is not None
         kind, instance_kind = "tensorrt_plan", "KIND_GPU"
         _copy_checked(*plan, version / "model.plan")
@@ -489,11 +504,26 @@ def _write_graph(repo: Path, graph: Graph, settings: Settings, plan: tuple[Path,
             kind = "python"
             parameters = {"onnx_file": "model.onnx", "intra_op_threads": str(settings.intra_op_threads)}
             shutil.copyfile(model_source("onnx_runner"), version / "model.py")
-    _write_config(repo, model_config(
+    config = model_config(
         graph.name, kind=kind, max_batch_size=settings.max_batch_size, inputs=graph.inputs,
         outputs=graph.outputs, instances=settings.instances, instance_kind=instance_kind,
         dynamic_batching_delay_us=settings.max_queue_delay_us, parameters=parameters,
-    ))
+    )
+    if settings.backend == "tensorrt":
+        add_warmup(config, graph.inputs, settings.max_batch_size)
+    _write_config(repo, config)
+
+
+def add_warmup(config: pb.ModelConfig, inputs: Sequence[Tensor], max_batch_size: int) -> None:
+    """Warm-up requests Triton runs before it marks the model READY: at batch 1 and at the largest
+    batch, so the first engine execution context and its largest allocations exist before traffic.
+    Zeros are valid for every input (token id 0 is <s>, mask 0 is "not padding")."""
+    for batch in sorted({1, max_batch_size}):
+        warmup = config.model_warmup.add(name=f"zeros_batch_{batch}", batch_size=batch, count=1)
+        for t in inputs:
+            warmup.inputs[t.name].CopyFrom(
+                pb.ModelWarmup.Input(data_type=pb.DataType.Value(t.data_type), dims=list(t.dims), zero_data=True)
+            )
 
 
 def _write_postprocess(repo: Path, export: Export, last: Graph, settings: Settings) -> None:
@@ -539,7 +569,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", required=True, choices=BACKENDS, help="how the graph models run")
     p.add_argument("--decoder", default="rounds", choices=DECODERS,
                    help="rounds: one model per loopback round (default); fused: the single decoder graph")
-    p.add_argument("--tokenizer", type=Path, required=True, help="BEiT-3 sentencepiece model (beit3.spm)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="BEiT-3 sentencepiece model (beit3.spm); default for a demo-model export: the demo model's own")
     p.add_argument("--out", type=Path, required=True, help="repository directory to create")
     p.add_argument("--max-batch-size", type=int, default=8, help="items per batch for every model (default 8)")
     p.add_argument("--instances", type=int, default=1, help="instances of every model (default 1)")
@@ -547,13 +578,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long the dynamic batcher may wait to fill a batch, in microseconds (default 0)")
     add_force(p)
+    add_quiet(p)
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
+    spm = resolve_tokenizer(read_export(args.onnx).preset, args.tokenizer)
     repo = generate_triton_repo(
-        args.onnx, args.out, args.backend, args.decoder, engines_dir=args.engines, spm_path=args.tokenizer,
+        args.onnx, args.out, args.backend, args.decoder, engines_dir=args.engines, spm_path=spm,
         max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.threads,
-        max_queue_delay_us=args.max_queue_delay_us, force=args.force,
+        max_queue_delay_us=args.max_queue_delay_us, force=args.force, progress=not args.quiet,
     )
     models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     print(f"wrote {repo}: {len(models)} models ({', '.join(models)}); serve it with `deris serve --repo {repo}`")
