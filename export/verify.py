@@ -78,23 +78,36 @@ def synthetic_image(height: int, width: int, seed: int) -> NDArray[Any]:
 
 
 def synthetic_inputs(cfg: DerisConfig, resolution: int, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Model inputs for ``batch`` image-expression pairs: img, img_mini, token_ids, text_pad_mask."""
+    """Model inputs for ``batch`` image-expression pairs: img, img_mini, token_ids, text_pad_mask.
+
+    For the demo model these are what it was trained on, so its masks mean something: synthetic
+    scenes (``deris.scenes``) with one of their expressions each, tokenized by the demo tokenizer.
+    For other presets: gradient pictures with solid shapes and random token ids.
+    """
+    from deris.demo import PRESET as DEMO_PRESET
+
     rng = np.random.default_rng(seed)
-    images, minis, ids, pads = [], [], [], []
-    for b in range(batch):
-        prepared = preprocess_image(synthetic_image(300 + 20 * b, 400 - 30 * b, seed + b), resolution, cfg.mini_image_size)
-        length = int(rng.integers(1, cfg.max_text_len - 1))
-        pieces = rng.integers(FIRST_PIECE_ID, cfg.beit3.vocab_size, size=length).tolist()
-        token_ids, pad_mask = build_token_sequence(pieces, cfg.max_text_len)
-        images.append(prepared.img)
-        minis.append(prepared.img_mini)
-        ids.append(token_ids)
-        pads.append(pad_mask)
+    pairs: list[tuple[NDArray[Any], tuple[NDArray[Any], NDArray[Any]]]] = []
+    if cfg.name == DEMO_PRESET:
+        from deris.demo import DEMO_TOKENIZER, verify_asset
+        from deris.scenes import make_scene
+        from deris.text import TextEncoder
+
+        encoder = TextEncoder.from_spm(verify_asset(DEMO_TOKENIZER), cfg.max_text_len)
+        for _ in range(batch):
+            scene = make_scene(rng)
+            expression = scene.expressions[int(rng.integers(len(scene.expressions)))]
+            pairs.append((scene.image, encoder.encode(expression.text)))
+    else:
+        for b in range(batch):
+            pieces = rng.integers(FIRST_PIECE_ID, cfg.beit3.vocab_size, size=int(rng.integers(1, cfg.max_text_len - 1))).tolist()
+            pairs.append((synthetic_image(300 + 20 * b, 400 - 30 * b, seed + b), build_token_sequence(pieces, cfg.max_text_len)))
+    prepared = [preprocess_image(image, resolution, cfg.mini_image_size) for image, _ in pairs]
     return {
-        "img": torch.from_numpy(np.stack(images)),
-        "img_mini": torch.from_numpy(np.stack(minis)),
-        "token_ids": torch.from_numpy(np.stack(ids)),
-        "text_pad_mask": torch.from_numpy(np.stack(pads)),
+        "img": torch.from_numpy(np.stack([p.img for p in prepared])),
+        "img_mini": torch.from_numpy(np.stack([p.img_mini for p in prepared])),
+        "token_ids": torch.from_numpy(np.stack([ids for _, (ids, _) in pairs])),
+        "text_pad_mask": torch.from_numpy(np.stack([pad for _, (_, pad) in pairs])),
     }
 
 

@@ -402,3 +402,28 @@ def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, tmp_path, m
                 f"b1_s{b}_out_pred_existence": result["existence"],
                 f"b1_s{b}_post_global_mask": mask.numpy().astype(np.uint8),
             })
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_demo_model_masks_survive_export(tmp_path, precision):
+    """The shipped demo model on its own kind of images: the ONNX Runtime pipeline's masks match
+    PyTorch float32 (IoU >= 0.99 per sample) with the same no-target decisions."""
+    from deris.demo import load_demo_predictor
+
+    model = load_demo_predictor().model
+    cfg = model.cfg
+    out = export_onnx(model, tmp_path / precision, ExportOptions(cfg.image_size, precision=precision,
+                                                                 graphs=("cognition", "perception", "decoder")), progress=False)
+    inputs = synthetic_inputs(cfg, cfg.image_size, batch=6, seed=3)
+    produced = OnnxPipeline(out)({k: v.numpy() for k, v in inputs.items()})
+    with torch.inference_mode():
+        expected = model(inputs["img"], inputs["img_mini"], inputs["token_ids"], inputs["text_pad_mask"])
+    _, selected, masks = decide(torch.from_numpy(produced["mask_logits"]).float(),
+                                torch.from_numpy(produced["refer_logits"]).float(), cfg.score_threshold)
+    _, ref_selected, ref_masks = decide(expected["pred_masks_lowres"], expected["pred_refer_logits"], cfg.score_threshold)
+    assert torch.equal(selected.any(1), ref_selected.any(1)), "no-target decisions differ"
+    assert ref_selected.any(1).sum() >= 2, "the check needs samples with a target"
+    for sample in range(masks.shape[0]):
+        union = (masks[sample] | ref_masks[sample]).sum().item()
+        iou = (masks[sample] & ref_masks[sample]).sum().item() / union if union else 1.0
+        assert iou >= 0.99, f"sample {sample}: mask IoU {iou:.4f}"
