@@ -86,36 +86,11 @@ def sha256_of(path: str | Path) -> str:
 
 def train_tokenizer(out: str | Path) -> Path:
     """Train the grammar tokenizer into ``out`` (a ``.spm`` path): deterministic (single-threaded)."""
-    import tempfile
-
-    import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
-
     from deris.scenes import grammar_expressions
+    from deris.text import train_sentencepiece
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="deris_demo_spm_") as folder:
-        prefix = Path(folder) / "demo"
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(grammar_expressions()),
-            model_prefix=str(prefix),
-            model_type="unigram",
-            vocab_size=64,
-            hard_vocab_limit=False,  # the grammar's words and letters make 52 pieces
-            character_coverage=1.0,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=1,
-            minloglevel=2,
-        )
-        model = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf code, no stubs
-        model.ParseFromString(prefix.with_suffix(".model").read_bytes())
-    model.trainer_spec.model_prefix = "demo"  # not the temporary folder: the same bytes on every run
-    out.write_bytes(model.SerializeToString())
-    return out
+    # The grammar's words and letters make 52 pieces; the trainer stops there.
+    return train_sentencepiece(grammar_expressions(), out, vocab_size=64)
 
 
 def training_config(data_root: Path, tokenizer: Path, settings: DemoTraining = TRAINING) -> TrainConfig:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -111,6 +111,31 @@ def build_token_sequence(piece_ids: Sequence[int], max_length: int) -> tuple[np.
     token_ids = np.array(tokens + [PAD_ID] * num_pad, dtype=np.int64)
     pad_mask = np.array([0] * len(tokens) + [1] * num_pad, dtype=np.int64)
     return token_ids, pad_mask
+
+
+def train_sentencepiece(corpus: Iterable[str], out: str | Path, vocab_size: int) -> Path:
+    """Train a unigram sentencepiece model on ``corpus`` with beit3.spm's piece layout (``<unk>``=0,
+    ``<s>``=1, ``</s>``=2, no pad piece) into ``out``; single-threaded, so the same bytes on every run.
+
+    ``vocab_size`` is an upper bound (``hard_vocab_limit=False``): a small corpus stops earlier.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="deris_spm_") as folder:
+        prefix = Path(folder) / out.stem
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_prefix=str(prefix), model_type="unigram", vocab_size=vocab_size,
+            hard_vocab_limit=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=1, minloglevel=2,
+        )
+        model = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf code, no stubs
+        model.ParseFromString(prefix.with_suffix(".model").read_bytes())
+    # The model records its training prefix; the temporary folder's name would change the bytes.
+    model.trainer_spec.model_prefix = out.stem
+    out.write_bytes(model.SerializeToString())
+    return out
 
 
 class TextEncoder:

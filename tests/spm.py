@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import sentencepiece
+from deris import text
 
 _SUBJECTS = [
     "man", "woman", "person", "guy", "girl", "boy", "child", "player", "skier", "surfer",
@@ -34,31 +34,6 @@ CORPUS = [
 
 
 def train_sentencepiece(out_dir: str | Path) -> Path:
-    """Train a unigram sentencepiece model with beit3.spm's special layout; return ``out_dir/beit3.spm``.
-
-    Layout as XLM-R / BEiT-3: ``<unk>``=0, ``<s>``=1, ``</s>``=2, no pad piece. About 200 pieces
-    (``hard_vocab_limit=False`` lets the trainer stop earlier on this small corpus). Single-threaded,
-    so the model is the same on every run.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = out_dir / "beit3"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_prefix=str(prefix),
-        model_type="unigram",
-        vocab_size=200,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    model = prefix.with_suffix(".model")
-    spm_path = out_dir / "beit3.spm"
-    model.replace(spm_path)
-    prefix.with_suffix(".vocab").unlink()
-    return spm_path
+    """A unigram sentencepiece model of the corpus above with beit3.spm's special layout (``<unk>``=0,
+    ``<s>``=1, ``</s>``=2, no pad piece; about 200 pieces) at ``out_dir/beit3.spm``."""
+    return text.train_sentencepiece(CORPUS, Path(out_dir) / "beit3.spm", vocab_size=200)
