@@ -20,10 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from deris.postprocess import postprocess
 from deris.prediction import THRESHOLDS, check_threshold
-
-
-class RequestError(ValueError):
-    """A request that cannot be answered; the message goes back to the caller."""
+from deris.triton_repo.backend import RequestError, answer_each
 
 
 def _threshold(name: str, value: object) -> float:
@@ -41,17 +38,7 @@ class TritonPythonModel:
         torch.set_num_threads(1)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._finish(request)))
-            except RequestError as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
-            except Exception as exc:  # an unexpected failure must not take the model down for other requests
-                error = pb_utils.TritonError(f"postprocess failed: {type(exc).__name__}: {exc}")
-                responses.append(pb_utils.InferenceResponse(error=error))
-        return responses
+        return answer_each(requests, self._finish, (RequestError,), "postprocess", pb_utils)
 
     def _thresholds(self, request: Any) -> dict[str, float]:
         given = json.loads(request.parameters() or "{}")

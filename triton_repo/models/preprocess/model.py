@@ -21,10 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from deris.preprocess import ImageError, preprocess_image
 from deris.text import TextEncoder, TextError
-
-
-class RequestError(ValueError):
-    """A request whose tensors cannot be used; the message goes back to the caller."""
+from deris.triton_repo.backend import RequestError, answer_each
 
 
 def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -45,17 +42,7 @@ class TritonPythonModel:
         cv2.setNumThreads(1)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._prepare(request)))
-            except (ImageError, TextError, RequestError) as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
-            except Exception as exc:  # an unexpected failure must not take the model down for other requests
-                error = pb_utils.TritonError(f"preprocess failed: {type(exc).__name__}: {exc}")
-                responses.append(pb_utils.InferenceResponse(error=error))
-        return responses
+        return answer_each(requests, self._prepare, (ImageError, TextError, RequestError), "preprocess", pb_utils)
 
     def _prepare(self, request: Any) -> list[Any]:
         images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
