@@ -1,0 +1,261 @@
+"""Offline ONNX Runtime optimisation of an export directory, and the session settings that go with it.
+
+What the exported graphs look like to ONNX Runtime's CPU fusions (measured on deris-b-grefcoco
+at 384 with ORT 1.32; ``benchmarks/latency.py`` times the result):
+
+* GELU is exported as ``x * (0.5 * (1 + erf(x / sqrt 2)))``, the 0.5 applied to the erf term:
+  ORT's online GeluFusion does not match that order, so every GELU stays 5 nodes. The
+  transformer optimizer's GELU fusion does match it, and folds the bias Add in (``BiasGelu``).
+* Residual Add + LayerNormalization: ORT fuses some of them online (``SkipLayerNormalization``);
+  the transformer optimizer would fuse every Swin one, but its fused nodes ran slower than ORT's
+  own mix (Swin-S perception at 384, 2 threads, interleaved: +12 %), so that fusion is left out.
+* Attention: neither online nor with the transformer optimizer do the BEiT-3 or the Swin blocks
+  become Attention/MultiHeadAttention nodes. Its patterns want one projection MatMul per Q/K/V
+  fed by one tensor; BEiT-3's multiway projections are Slice -> a MatMul per modality -> Concat,
+  and the Swin window attention is one qkv MatMul split by Gather. What is left of attention
+  besides its two GEMMs (masking Where, Softmax, Transposes) is under 5 % of either graph.
+* MSDA's weighted sum is an ``Einsum("ndqk,nqk->nqd")``, which ORT's CPU Einsum computes
+  through transposed copies and a batched GEMM with K = levels x points (12): about 6 % of the
+  perception graph. :func:`rewrite_einsums` turns it into ``Mul`` + ``ReduceSum`` (one pass over
+  the samples), about half the time.
+* The cognition graph is GEMM-bound (MatMul is 85 % of its time in ORT): fusions gain it ~1 %.
+* The optimizer's constant-folding pass (ORT 1.32, ``FusionConstantFold.fuse_2``) merges a
+  Transpose pair by deleting the first Transpose even when other nodes read it, which breaks
+  the Swin attention-mask subgraph (slice_scatter lowered through Transposes); it is skipped.
+  ORT's own online transpose optimiser does that rewrite correctly at session creation.
+
+The rewritten graphs hold only standard ONNX and ``com.microsoft`` contrib ops that both the CPU
+and the CUDA execution providers run, so they are execution-provider neutral; the hardware-
+specific rewrites (NCHWc layouts, ...) still happen online, at session creation.
+
+:func:`optimize_export` writes ``<graph>.opt.onnx`` beside each graph and records it in the
+manifest under the graph's ``"optimized"`` key (file, sha256s, what was fused); consumers that
+know the key (:func:`optimized_session`) use it, others keep reading ``"file"``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from deris.atomic import atomic_write
+from deris.export.manifest import MANIFEST_NAME, read_manifest, sha256_file
+
+OPTIMIZED_SUFFIX = ".opt.onnx"
+# The same limit as the export: protobuf cannot serialise 2 GiB.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+# Contrib ops the fusions may produce; counted into the manifest.
+FUSED_OPS = ("BiasGelu", "Gelu", "FastGelu", "SkipLayerNormalization", "LayerNormalization", "Attention", "MultiHeadAttention")
+
+
+def _einsum_replacement(graph: onnx.GraphProto, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """The nodes that compute ``node`` (an Einsum) as broadcast Mul + ReduceSum, or None when its
+    equation is not of that kind (see :func:`rewrite_einsums`). Adds the axes initializers."""
+    if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    equation = helper.get_attribute_value(node.attribute[0]).decode().replace(" ", "")
+    operands, _, out = equation.partition("->")
+    if "." in equation or not out or operands.count(",") != 1:
+        return None
+    a, b = operands.split(",")
+    contracted = [c for c in a if c not in out]
+    if (len(set(a)) != len(a) or len(set(b)) != len(b) or not set(b) <= set(a) or not contracted
+            or not set(contracted) <= set(b) or set(out) != set(a) - set(contracted)):
+        return None
+    prefix = node.name or node.output[0]
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{prefix}_{suffix}"], name=f"{prefix}_{suffix}", **attrs))
+        return f"{prefix}_{suffix}"
+
+
+    def axes(values: list[int], suffix: str) -> str:
+        graph.initializer.append(helper.make_tensor(f"{prefix}_{suffix}", onnx.TensorProto.INT64, [len(values)], values))
+        return f"{prefix}_{suffix}"
+
+    # The second operand, its axes put in the first one's order, with size-1 axes for the missing ones.
+    order = sorted(range(len(b)), key=lambda i: a.index(b[i]))
+    right = node.input[1] if order == list(range(len(b))) else add("Transpose", [node.input[1]], "aligned", perm=order)
+    missing = [i for i, c in enumerate(a) if c not in b]
+    if missing:
+        right = add("Unsqueeze", [right, axes(missing, "axes")], "expanded")
+    product = add("Mul", [node.input[0], right], "product")
+    summed = add("ReduceSum", [product, axes([a.index(c) for c in contracted], "sum_axes")], "sum", keepdims=0)
+    kept = [c for c in a if c not in contracted]
+    perm = [kept.index(c) for c in out]
+    if perm == list(range(len(out))):
+        nodes[-1].output[0] = node.output[0]
+    else:
+        nodes.append(helper.make_node("Transpose", [summed], [node.output[0]], name=f"{prefix}_out", perm=perm))
+    for new in nodes:  # the exporter's provenance (module path, class hierarchy), for profiles
+        new.metadata_props.extend(node.metadata_props)
+    return nodes
+
+
+def rewrite_einsums(model: onnx.ModelProto) -> int:
+    """Replace every two-input Einsum that sums over indices of the first operand which the second
+    also has, and whose second operand's indices all appear in the first (``ndqk,nqk->nqd``), by
+    (Transpose/Unsqueeze) + Mul + ReduceSum (+ Transpose). Returns the number of nodes rewritten."""
+    graph = model.graph
+    rewritten = 0
+    for node in list(graph.node):
+        replacement = _einsum_replacement(graph, node)
+        if replacement is None:
+            continue
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(replacement):
+            graph.node.insert(position + offset, new)
+        rewritten += 1
+    return rewritten
+
+
+@contextlib.contextmanager
+def _quiet_optimizer() -> Iterator[None]:
+    """The optimizer logs each pattern it fails to match (at WARNING, on loggers named after its
+    modules, which it imports both as top-level modules and under ``onnxruntime.transformers``)
+    and prints its shape-inference failures; on these graphs both are expected, so only errors
+    are let through."""
+    import onnxruntime.transformers
+
+    modules = [path.stem for path in Path(onnxruntime.transformers.__file__).parent.glob("*.py")]
+    names = [*modules, *(f"onnxruntime.transformers.{m}" for m in modules)]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _fuse(model: onnx.ModelProto, kind: str) -> onnx.ModelProto:
+    """The transformer optimizer's fusions for one graph (no ORT session: provider neutral)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
+
+    # num_heads/hidden_size 0: read from the graph where a fusion needs them.
+    optimizer = BertOnnxModel(model, num_heads=0, hidden_size=0)
+    # The pass that breaks the Swin mask subgraph (module docstring); ORT does it right online.
+    optimizer.fuse_constant_fold = lambda: None
+    options = FusionOptions("swin" if kind == "perception" else "bert")
+    if kind == "perception":  # slower than ORT's online fusion there (module docstring)
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    with _quiet_optimizer():
+        optimizer.optimize(options)
+    optimizer.topological_sort()
+    fused: onnx.ModelProto = optimizer.model
+    if not any(opset.domain == "com.microsoft" for opset in fused.opset_import):
+        fused.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def optimize_graph(source: Path, target: Path, kind: str) -> dict[str, Any]:
+    """Rewrite one graph (see the module docstring) into ``target``; return what changed."""
+    model = onnx.load(str(source))
+    before = collections.Counter(node.op_type for node in model.graph.node)
+    einsums = rewrite_einsums(model)
+    model = _fuse(model, kind)
+    after = collections.Counter(node.op_type for node in model.graph.node)
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    for stale in (target, target.with_name(target.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save(model, str(target), save_as_external_data=external, location=target.name + ".data" if external else None)
+    onnx.checker.check_model(str(target))
+    return {
+        "nodes_before": sum(before.values()),
+        "nodes_after": sum(after.values()),
+        "einsum_rewritten": einsums,
+        "fused": {op: after[op] - before.get(op, 0) for op in FUSED_OPS if after[op] - before.get(op, 0) > 0},
+    }
+
+
+def optimize_export(directory: str | os.PathLike[str], graphs: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write ``<graph>.opt.onnx`` beside every graph of the export (or ``graphs``) and record each
+    under ``manifest["graphs"][graph]["optimized"]``; return the updated manifest. Graphs with
+    custom (TensorRT plugin) nodes are left alone: only TensorRT runs those. The manifest is
+    rewritten atomically, after every optimised graph is complete."""
+    import onnxruntime
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name in graphs if graphs is not None else list(manifest["graphs"]):
+        entry = manifest["graphs"][name]
+        if entry["custom_ops"]:
+            continue
+        kind = manifest["topology"]["graphs"][name]["kind"]
+        target = directory / (Path(entry["file"]).stem + OPTIMIZED_SUFFIX)
+        changes = optimize_graph(directory / entry["file"], target, kind)
+        files = [target, *sorted(directory.glob(target.name + ".data"))]
+        entry["optimized"] = {
+            "file": target.name,
+            "files": [{"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
+            "onnxruntime": onnxruntime.__version__,
+            **changes,
+        }
+    atomic_write(directory / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def session_options(threads: int | None = None, *, spinning: bool = False) -> Any:
+    """The ``SessionOptions`` these graphs want on the CPU.
+
+    * every graph optimisation online (the hardware-specific ones the offline graph leaves out);
+    * ``threads`` intra-op threads and one inter-op thread: the graphs are chains, and the
+      encoders' parallelism is inside the GEMMs;
+    * ``spinning=False``: idle intra-op threads sleep instead of spinning. Every graph has its own
+      session and pool, so in a chain (cognition, perception, decoder) the pool of the graph
+      that just finished spins on the cores the next one needs; so do the pools of a Triton
+      server's models and any other process on the machine. Measured on deris-b-grefcoco at 384,
+      2 threads, 2 cores: a graph alone loses 3-14 % (cognition 113 -> 117 ms, decoder 18.5 ->
+      21 ms), the chain gains (the end-to-end penalty over the graphs' sum fell from ~80 to
+      ~25 ms), and on a contended machine every graph gains 1.4-2.5x.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+def triton_server_args(threads: int) -> list[str]:
+    """tritonserver arguments that give every ``onnxruntime_onnx`` model one shared thread pool.
+
+    Triton's ONNX Runtime backend has no per-model spinning switch (its model parameters are the
+    thread counts, the execution mode, the memory arena and ``optimization { graph { level } }``);
+    one global pool of ``threads`` is its way to keep a repository of several models from
+    oversubscribing the cores, which is what turning spinning off does in one process.
+    """
+    return ["--backend-config=onnxruntime,enable-global-threadpool=1",
+            f"--backend-config=onnxruntime,intra_op_thread_count={threads}",
+            "--backend-config=onnxruntime,inter_op_thread_count=1"]
+
+
+def optimized_session(directory: str | os.PathLike[str], graph: str, threads: int | None = None, *,
+                      providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = False) -> Any:
+    """A session on the optimised graph (the plain one where :func:`optimize_export` left none)."""
+    import onnxruntime
+
+    directory = Path(directory)
+    entry = read_manifest(directory)["graphs"][graph]
+    file = entry.get("optimized", entry)["file"]
+    return onnxruntime.InferenceSession(str(directory / file), session_options(threads, spinning=spinning),
+                                        providers=list(providers))
