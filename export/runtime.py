@@ -14,15 +14,16 @@ from numpy.typing import NDArray
 
 from deris.export.manifest import read_manifest
 from deris.export.msda import plugin_session_options
+from deris.export.ort_optimize import session_options
 from deris.topology import GraphSpec, Topology, run_chain
 
 
 def ort_session(path: Path, custom_ops: Sequence[str] = (), threads: int | None = None) -> onnxruntime.InferenceSession:
-    """A CPU session for one graph; graphs with the TensorRT MSDA plugin node get its CPU kernel."""
-    options = plugin_session_options() if custom_ops else onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    """A CPU session for one graph; graphs with plugin nodes get their CPU kernels. Thread pools do
+    not spin after a call: the graphs of a chain share the same cores (export/ort_optimize.py)."""
+    options = session_options(threads)
+    if custom_ops:
+        plugin_session_options(options)
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
