@@ -15,6 +15,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+
+pytest.register_assert_rewrite("tis")  # before its import: the helpers' asserts explain themselves
+
 from spm import train_sentencepiece  # noqa: E402
 from tis import MAX_BATCH_SIZE, PRESET, QUEUE_DELAY_US, TinyExport, free_port  # noqa: E402
 

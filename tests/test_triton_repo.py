@@ -14,8 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-pytest.register_assert_rewrite("tis")  # before the import below, so its asserts explain themselves
 from tis import MAX_BATCH_SIZE, TinyExport, check_ensemble, type_name  # noqa: E402
 
 from deris.atomic import OutputError  # noqa: E402

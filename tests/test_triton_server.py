@@ -28,10 +28,8 @@ import pytest
 import skimage.data
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
-
-pytest.register_assert_rewrite("tis")  # before the import below, so its asserts explain themselves
 from tis import TinyExport, encode, free_port, png_claiming_size, small, synthetic_image  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 from deris.cli import main as deris_main  # noqa: E402
 from deris.outputs import write_prediction_files  # noqa: E402
