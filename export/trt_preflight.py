@@ -17,7 +17,7 @@ the installed TensorRT, else :data:`DEFAULT_TARGET`):
 
 The facts come from onnx-tensorrt's ``docs/operators.md`` (10.0 and 10.15 tables) and
 ``docs/Changelog.md``, TensorRT's ``CHANGELOG.md`` and the issues cited next to each rule (see
-DEPLOYMENT_FACTS.md sections 2 and 8). Shapes and types come from polygraphy's ``InferShapes``.
+docs/deployment.md, "MSDA in graphs" and "Precision"). Shapes and types come from polygraphy's ``InferShapes``.
 An operator the table does not list is a FAIL, so a new one cannot slip through unchecked.
 """
 
