@@ -51,12 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from deris.evaluation import OFFICIAL_EVAL_SIZE
+from deris.preprocess import resize_mask_nearest
 
 DATASETS = ("grefcoco", "refcoco", "refcocoplus", "refcocog")
 FORMATS = ("official", "refer")
@@ -217,20 +217,6 @@ def load_split(
     if format == "official":
         return _load_official(root, name, split, scheme, image_root)
     return _load_refer(root, name, split, scheme, image_root)
-
-
-def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``mask`` (bool [H, W]) nearest-resized to ``size`` = (height, width), as the official evaluation resizes
-    the GT (mmdet ``BitmapMasks.resize`` -> ``mmcv.imresize(..., interpolation="nearest")`` -> cv2
-    ``INTER_NEAREST``)."""
-    array = np.asarray(mask)
-    if array.ndim != 2:
-        raise ValueError(f"mask must be 2-D (height, width), got shape {array.shape}")
-    height, width = (int(v) for v in size)
-    if height < 1 or width < 1:
-        raise ValueError(f"size must be positive (height, width), got {size!r}")
-    resized = cv2.resize(array.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-    return resized.astype(bool)
 
 
 def official_gt_mask(sample: Sample, size: tuple[int, int] = OFFICIAL_EVAL_SIZE) -> np.ndarray:

@@ -9,12 +9,11 @@ Imports torch but neither the model nor the kernels: the server's postprocess mo
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from deris.prediction import Prediction, check_threshold
+from deris.preprocess import resize_mask_nearest
 
 
 def upsample_masks(mask_logits: torch.Tensor) -> torch.Tensor:
@@ -41,12 +40,6 @@ def decide(
     return scores, selected, mask
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a binary mask to (height, width), as the official demo rescales."""
-    h, w = size
-    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
 def postprocess(
     mask_logits_lowres: torch.Tensor,
     refer_logits: torch.Tensor,
@@ -63,7 +56,7 @@ def postprocess(
         chosen = [int(i) for i in torch.nonzero(selected[b]).flatten()]
         results.append(
             Prediction(
-                mask=resize_mask(mask[b].cpu().numpy(), size),
+                mask=resize_mask_nearest(mask[b].cpu().numpy(), size),
                 scores=scores[b].float().cpu().numpy(),
                 selected=chosen,
                 no_target=not chosen,

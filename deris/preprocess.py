@@ -220,3 +220,17 @@ def preprocess_image(
         img_uint8_rgb=cv2.cvtColor(resized, cv2.COLOR_BGR2RGB),
         img_mini_uint8_rgb=cv2.cvtColor(resized_mini, cv2.COLOR_BGR2RGB),
     )
+
+
+def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` (bool [H, W]) nearest-resized to ``size`` = (height, width), as the official evaluation resizes
+    the GT and the official demo its masks (mmdet ``BitmapMasks.resize`` -> ``mmcv.imresize(..., interpolation="nearest")`` -> cv2
+    ``INTER_NEAREST``)."""
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise ValueError(f"mask must be 2-D (height, width), got shape {array.shape}")
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive (height, width), got {size!r}")
+    resized = cv2.resize(array.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    return resized.astype(bool)
