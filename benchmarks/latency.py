@@ -206,18 +206,14 @@ class Context:
     def weights(self) -> str:
         return "random" if self.args.checkpoint is None else self.args.checkpoint.name
 
-    def onnx(self, resolution: int, optimized: bool = False) -> Path:
-        """The export at ``resolution`` (cognition, perception, fused decoder), made once and kept
-        in --work; with ``optimized`` also its ``<graph>.opt.onnx`` graphs."""
-        from deris.export.manifest import read_manifest
+    def onnx(self, resolution: int) -> Path:
+        """The export at ``resolution`` (cognition, perception, fused decoder; each graph as exported
+        and its ``<graph>.opt.onnx`` rewrite), made once and kept in --work."""
         from deris.export.onnx_export import ExportOptions, export_onnx
-        from deris.export.ort_optimize import optimize_export
 
         directory = self.work / f"onnx-{self.model.cfg.name}-{self.weights}-{resolution}"
         if not directory.is_dir():
             export_onnx(self.model, directory, ExportOptions(resolution, graphs=GRAPHS, weights=self.weights), progress=False)
-        if optimized and any("optimized" not in entry for entry in read_manifest(directory)["graphs"].values()):
-            optimize_export(directory)
         return directory
 
 
@@ -408,7 +404,7 @@ class OrtBackend(InProcess):
         from deris.export.runtime import ort_session
 
         super().load(resolution)
-        self.directory = self.ctx.onnx(resolution, optimized=self.optimized)
+        self.directory = self.ctx.onnx(resolution)
         entries = read_manifest(self.directory)["graphs"]
         threads = self.ctx.args.threads
         if self.optimized:

@@ -44,7 +44,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     resolution = check_resolution(args.resolution if args.resolution is not None else cfg.image_size)
     check_output_dir(Path(args.out), args.force)
     weights = "random" if checkpoint is None else Path(checkpoint).name
-    options = ExportOptions(resolution, args.msda, args.precision, args.graphs, weights)
+    options = ExportOptions(resolution, args.msda, args.precision, args.graphs, weights, ort_optimize=args.ort_optimize)
     from deris.topology import pipeline_topology
 
     options.validate(pipeline_topology(cfg, resolution).graph_names)
@@ -90,7 +90,11 @@ def register_onnx(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--graphs", type=_graph_list, help="comma-separated subset of the graphs, e.g. cognition,perception (default: all)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     add_force(p)
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
+    p.add_argument("--no-ort-optimize", dest="ort_optimize", action="store_false",
+                   help="do not write <graph>.opt.onnx, each fp32 graph rewritten offline for ONNX Runtime (fused GELU and "
+                   "LayerNorm, MSDA's Einsum as Mul+ReduceSum; docs/deployment.md), which ONNX Runtime consumers load "
+                   "instead of the plain graph (TensorRT reads the plain one)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison (of both graph files)")
     add_quiet(p)
 
 

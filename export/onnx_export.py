@@ -1,7 +1,9 @@
 """Export a DeRIS model to a directory of ONNX graphs plus ``manifest.json``.
 
 The graphs are those of :func:`deris.topology.pipeline_topology` for the model's config and the
-requested resolution. The directory is staged and renamed into place (:mod:`deris.atomic`), so
+requested resolution. fp32 exports also hold each graph rewritten offline for ONNX Runtime
+(``<graph>.opt.onnx``, :mod:`deris.export.ort_optimize`), which ONNX Runtime consumers load; the
+plain graphs stay for TensorRT. The directory is staged and renamed into place (:mod:`deris.atomic`), so
 ``out`` is either complete or absent, also when the export fails or is interrupted.
 """
 
@@ -26,6 +28,7 @@ from deris.export.graphs import build_graph, example_inputs
 from deris.export.manifest import FORMAT_VERSION, describe_graph, write_manifest
 from deris.export.msda import custom_translation_table, msda_representation
 from deris.export.options import ExportError, ExportOptions
+from deris.export.ort_optimize import optimize_export
 from deris.export.precision import float_dtype, for_precision, keep_in_float32
 from deris.modeling.deris import DeRIS
 from deris.topology import BATCH, MAX_BATCH, GraphSpec, pipeline_topology
@@ -139,6 +142,8 @@ def export_onnx(
             "graphs": entries,
         }
         write_manifest(staging, manifest)
+        if options.ort_optimized:
+            optimize_export(staging, graphs, progress=progress)
     return out
 
 

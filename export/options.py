@@ -35,6 +35,14 @@ class ExportOptions:
     precision: str = "fp32"
     graphs: tuple[str, ...] | None = None  # None: every graph of the topology
     weights: str = "random"  # recorded in the manifest: "random" or the checkpoint's file name
+    # Also write ONNX Runtime's offline-optimised <graph>.opt.onnx beside each graph (export/ort_optimize.py).
+    ort_optimize: bool = True
+
+    @property
+    def ort_optimized(self) -> bool:
+        """Whether the export gets the optimised graphs: fp32 only, the precision ONNX Runtime runs on
+        the CPU (fp16 graphs are TensorRT's input, and TensorRT reads the plain graphs)."""
+        return self.ort_optimize and self.precision == "fp32"
 
     def validate(self, graph_names: tuple[str, ...]) -> tuple[str, ...]:
         """Check the options against the model's graphs; return the graphs to export."""

@@ -171,7 +171,9 @@ def optimize_graph(source: Path, target: Path, kind: str) -> dict[str, Any]:
     einsums = rewrite_einsums(model)
     model = _fuse(model, kind)
     after = collections.Counter(node.op_type for node in model.graph.node)
-    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    # Weights stay beside the graph where the export put them there (or where protobuf needs it).
+    external = source.with_name(source.name + ".data").exists() or \
+        sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     for stale in (target, target.with_name(target.name + ".data")):
         stale.unlink(missing_ok=True)
     onnx.save(model, str(target), save_as_external_data=external, location=target.name + ".data" if external else None)
@@ -184,19 +186,23 @@ def optimize_graph(source: Path, target: Path, kind: str) -> dict[str, Any]:
     }
 
 
-def optimize_export(directory: str | os.PathLike[str], graphs: Sequence[str] | None = None) -> dict[str, Any]:
+def optimize_export(
+    directory: str | os.PathLike[str], graphs: Sequence[str] | None = None, *, progress: bool = False
+) -> dict[str, Any]:
     """Write ``<graph>.opt.onnx`` beside every graph of the export (or ``graphs``) and record each
     under ``manifest["graphs"][graph]["optimized"]``; return the updated manifest. Graphs with
     custom (TensorRT plugin) nodes are left alone: only TensorRT runs those. The manifest is
-    rewritten atomically, after every optimised graph is complete."""
+    rewritten atomically, after every optimised graph is complete. ``progress``: a bar per graph."""
     import onnxruntime
+    from tqdm import tqdm
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    for name in graphs if graphs is not None else list(manifest["graphs"]):
+    names = [n for n in (graphs if graphs is not None else manifest["graphs"]) if not manifest["graphs"][n]["custom_ops"]]
+    bar = tqdm(names, desc="ort-optimize", unit="graph", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
         entry = manifest["graphs"][name]
-        if entry["custom_ops"]:
-            continue
         kind = manifest["topology"]["graphs"][name]["kind"]
         target = directory / (Path(entry["file"]).stem + OPTIMIZED_SUFFIX)
         changes = optimize_graph(directory / entry["file"], target, kind)
@@ -234,19 +240,6 @@ def session_options(threads: int | None = None, *, spinning: bool = False) -> An
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
-
-
-def triton_server_args(threads: int) -> list[str]:
-    """tritonserver arguments that give every ``onnxruntime_onnx`` model one shared thread pool.
-
-    Triton's ONNX Runtime backend has no per-model spinning switch (its model parameters are the
-    thread counts, the execution mode, the memory arena and ``optimization { graph { level } }``);
-    one global pool of ``threads`` is its way to keep a repository of several models from
-    oversubscribing the cores, which is what turning spinning off does in one process.
-    """
-    return ["--backend-config=onnxruntime,enable-global-threadpool=1",
-            f"--backend-config=onnxruntime,intra_op_thread_count={threads}",
-            "--backend-config=onnxruntime,inter_op_thread_count=1"]
 
 
 def optimized_session(directory: str | os.PathLike[str], graph: str, threads: int | None = None, *,

@@ -28,13 +28,15 @@ def ort_session(path: Path, custom_ops: Sequence[str] = (), threads: int | None 
 
 
 class OnnxPipeline:
-    """The graphs of one export directory, with sessions opened on first use."""
+    """The graphs of one export directory, with sessions opened on first use. ``optimized``: run
+    each graph's ONNX Runtime rewrite (``<graph>.opt.onnx``) where the export has one."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None, optimized: bool = True) -> None:
         self.directory = Path(directory)
         self.manifest: dict[str, Any] = read_manifest(self.directory)
         self.topology = Topology.from_json(self.manifest["topology"])
         self.threads = threads
+        self.optimized = optimized
         self._sessions: dict[str, onnxruntime.InferenceSession] = {}
 
     def session(self, graph: str) -> onnxruntime.InferenceSession:
@@ -42,7 +44,8 @@ class OnnxPipeline:
             raise KeyError(f"{self.directory} has no graph {graph!r}; it has {', '.join(self.manifest['graphs'])}")
         if graph not in self._sessions:
             entry = self.manifest["graphs"][graph]
-            self._sessions[graph] = ort_session(self.directory / entry["file"], entry["custom_ops"], self.threads)
+            file = entry.get("optimized", entry)["file"] if self.optimized else entry["file"]
+            self._sessions[graph] = ort_session(self.directory / file, entry["custom_ops"], self.threads)
         return self._sessions[graph]
 
     def run(self, graph: str, feeds: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:

@@ -338,7 +338,7 @@ def _chain_values(onnx_dir: Path, manifest: dict[str, Any], inputs: Feeds) -> Fe
     from deris.export.runtime import OnnxPipeline
     from deris.topology import run_chain
 
-    pipeline = OnnxPipeline(onnx_dir)
+    pipeline = OnnxPipeline(onnx_dir, optimized=False)  # the graphs the engines were built from
     needed = pipeline.topology.needed(list(manifest["graphs"]))
     return run_chain(needed, lambda spec, feeds: pipeline.run(spec.name, feeds), inputs)
 
@@ -549,7 +549,8 @@ def _export(request: TrtRequest, onnx_dir: Path, progress: bool) -> DeRIS:
     cfg = get_config(request.preset)
     resolution = check_resolution(request.resolution if request.resolution is not None else cfg.image_size)
     weights = "random" if request.random_weights else Path(str(request.checkpoint)).name
-    options = ExportOptions(resolution, request.msda, request.precision or "fp16", None, weights)
+    # TensorRT reads the plain graphs; ONNX Runtime's rewrite would only cost time.
+    options = ExportOptions(resolution, request.msda, request.precision or "fp16", None, weights, ort_optimize=False)
     model = load_model(request.preset, request.checkpoint)
     export_onnx(model, onnx_dir, options, progress=progress)
     checks = verify_export(onnx_dir, model)

@@ -24,6 +24,7 @@ score_threshold``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class OutputCheck:
     tolerance: float
     mask_agreement: float | None  # fraction of mask logits on the same side of 0
     score_agreement: float | None  # fraction of queries with the same score decision
+    file: str = ""  # the ONNX file checked: the graph as exported or its ONNX Runtime rewrite
 
     @property
     def passed(self) -> bool:
@@ -164,24 +166,29 @@ def compare_output(
 def verify_export(
     directory: str | Path, model: DeRIS, batches: Sequence[int] = VERIFY_BATCHES, seed: int = 0
 ) -> list[OutputCheck]:
-    """Run every graph of an export directory in ORT and compare it with ``model`` in PyTorch."""
+    """Run every graph of an export directory in ORT and compare it with ``model`` in PyTorch: each
+    graph as exported and, where the export has one, its offline ONNX Runtime rewrite."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     resolution, precision = manifest["resolution"], manifest["precision"]
     float_dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
     graphs = list(manifest["graphs"])
+    files = {name: [entry["file"], *([entry["optimized"]["file"]] if "optimized" in entry else [])]
+             for name, entry in manifest["graphs"].items()}
     sessions = {
-        name: ort_session(directory / entry["file"], entry["custom_ops"]) for name, entry in manifest["graphs"].items()
+        file: ort_session(directory / file, manifest["graphs"][name]["custom_ops"]) for name in graphs for file in files[name]
     }
     checks = []
     for batch in batches:
         reference = reference_run(model, synthetic_inputs(model.cfg, resolution, batch, seed), resolution, graphs)
         for name in graphs:
             feeds, outputs = reference[name]
-            produced = sessions[name].run(None, {k: _as_feed(v, float_dtype) for k, v in feeds.items()})
-            for (out_name, ref), value in zip(outputs.items(), produced):
-                checks.append(compare_output(name, batch, out_name, value, ref.numpy(), precision, model.cfg.score_threshold))
-    return sorted(checks, key=lambda c: (graphs.index(c.graph), c.batch))
+            for file in files[name]:
+                produced = sessions[file].run(None, {k: _as_feed(v, float_dtype) for k, v in feeds.items()})
+                for (out_name, ref), value in zip(outputs.items(), produced):
+                    check = compare_output(name, batch, out_name, value, ref.numpy(), precision, model.cfg.score_threshold)
+                    checks.append(dataclasses.replace(check, file=file))
+    return sorted(checks, key=lambda c: (graphs.index(c.graph), files[c.graph].index(c.file), c.batch))
 
 
 def format_table(checks: Sequence[OutputCheck]) -> str:
@@ -190,10 +197,10 @@ def format_table(checks: Sequence[OutputCheck]) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.2f}%"
 
-    header = ("graph", "batch", "output", "max abs err", "max rel err", "tolerance", "mask agree", "score agree", "result")
+    header = ("graph", "file", "batch", "output", "max abs err", "max rel err", "tolerance", "mask agree", "score agree", "result")
     rows = [header] + [
         (
-            c.graph, str(c.batch), c.output, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tolerance:.2e}",
+            c.graph, c.file, str(c.batch), c.output, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tolerance:.2e}",
             pct(c.mask_agreement), pct(c.score_agreement), "PASS" if c.passed else "FAIL",
         )
         for c in checks

@@ -342,7 +342,6 @@ def test_session_options():
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert ort_optimize.session_options(spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
-    assert "--backend-config=onnxruntime,intra_op_thread_count=4" in ort_optimize.triton_server_args(4)
 
 
 # --- benchmarks/gpu_check.sh --------------------------------------------------------------------------

@@ -55,8 +55,11 @@ def plugin_export(tiny_model, tmp_path_factory) -> Path:
     return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, msda="trt-plugin"), progress=False)
 
 
-def assert_all_pass(checks, graphs) -> None:
-    assert {(c.graph, c.batch) for c in checks} == {(g, b) for g in graphs for b in (1, 3)}
+def assert_all_pass(checks, graphs, unoptimized=()) -> None:
+    """Every graph checked at batches 1 and 3, as exported and (except ``unoptimized``) as rewritten
+    for ONNX Runtime, and every output within tolerance."""
+    files = {g: [f"{g}.onnx"] + ([] if g in unoptimized else [f"{g}.opt.onnx"]) for g in graphs}
+    assert {(c.graph, c.file, c.batch) for c in checks} == {(g, f, b) for g in graphs for f in files[g] for b in (1, 3)}
     assert all(c.passed for c in checks), "\n" + format_table(checks)
 
 
@@ -89,7 +92,9 @@ def test_manifest(gridsample_export, tiny_model):
     for name, entry in manifest["graphs"].items():
         assert entry["file"] == f"{name}.onnx"
         assert [f["name"] for f in entry["files"]] == [entry["file"]]  # small graphs: no external data
-        for f in entry["files"]:
+        optimized = entry["optimized"]
+        assert optimized["file"] == f"{name}.opt.onnx" and [f["name"] for f in optimized["files"]] == [optimized["file"]]
+        for f in entry["files"] + optimized["files"]:
             assert sha256_file(gridsample_export / f["name"]) == f["sha256"]
         assert entry["custom_ops"] == []
         expected_in = [[t.name, "int64" if t.dtype == "int64" else "float32", list(t.shape)] for t in specs[name].inputs]
@@ -97,7 +102,10 @@ def test_manifest(gridsample_export, tiny_model):
         assert [t["name"] for t in entry["outputs"]] == [t.name for t in specs[name].outputs]
     assert manifest["graphs"]["perception"]["outputs"][0]["shape"] == ["batch", cfg.hidden_dim, TINY_RESOLUTION // 32, TINY_RESOLUTION // 32]
     assert manifest["graphs"]["round_3"]["outputs"][-1] == {"name": "existence", "dtype": "float32", "shape": ["batch", 1]}
-    assert sorted(p.name for p in gridsample_export.iterdir()) == sorted([f"{g}.onnx" for g in GRAPH_NAMES] + ["manifest.json"])
+    # Every GELU fused for ONNX Runtime (the encoders' MLPs, the deformable layers' FFNs).
+    assert manifest["graphs"]["cognition"]["optimized"]["fused"].get("BiasGelu", 0) >= cfg.beit3.depth
+    files = [f"{g}{suffix}" for g in GRAPH_NAMES for suffix in (".onnx", ".opt.onnx")]
+    assert sorted(p.name for p in gridsample_export.iterdir()) == sorted(files + ["manifest.json"])
 
 
 def test_graphs_pass_checker_and_polygraphy(gridsample_export, plugin_export):
@@ -146,7 +154,7 @@ def test_plugin_graph_follows_tensorrt_contract_and_matches_pytorch(plugin_expor
     manifest = json.loads((plugin_export / "manifest.json").read_text())
     assert manifest["msda"] == "trt-plugin"
     assert manifest["graphs"]["perception"]["custom_ops"] == [f"trt::{PLUGIN_OP}"]
-    assert_all_pass(verify_export(plugin_export, tiny_model), GRAPH_NAMES)
+    assert_all_pass(verify_export(plugin_export, tiny_model), GRAPH_NAMES, unoptimized=("perception",))
 
 
 def test_msda_mode_changes_only_the_perception_graph(gridsample_export, plugin_export):
@@ -317,11 +325,13 @@ def test_force_replaces_and_external_data(tmp_path, tiny_model):
     out.mkdir()
     (out / "stale.onnx").write_text("")
     export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, graphs=("round_1",)), force=True, progress=False, external_data_threshold=0)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "round_1.onnx", "round_1.onnx.data"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "round_1.onnx", "round_1.onnx.data",
+                                                     "round_1.opt.onnx", "round_1.opt.onnx.data"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     entry = json.loads((out / "manifest.json").read_text())["graphs"]["round_1"]
     assert [f["name"] for f in entry["files"]] == ["round_1.onnx", "round_1.onnx.data"]
-    assert all(sha256_file(out / f["name"]) == f["sha256"] for f in entry["files"])
+    assert [f["name"] for f in entry["optimized"]["files"]] == ["round_1.opt.onnx", "round_1.opt.onnx.data"]
+    assert all(sha256_file(out / f["name"]) == f["sha256"] for f in entry["files"] + entry["optimized"]["files"])
     onnx.checker.check_model(str(out / "round_1.onnx"), full_check=True)
     assert_all_pass(verify_export(out, tiny_model), ["round_1"])
 

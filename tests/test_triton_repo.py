@@ -19,6 +19,7 @@ from tis import MAX_BATCH_SIZE, TinyExport, check_ensemble, type_name  # noqa: E
 from deris.atomic import OutputError  # noqa: E402
 from deris.export.cli import main as export_main  # noqa: E402
 from deris.triton_repo.repository import RepoError, generate_triton_repo, graph_names, read_export, register  # noqa: E402
+from deris.triton_repo.server import TritonServer, onnxruntime_pool_args  # noqa: E402
 
 MANIFEST_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
@@ -77,6 +78,9 @@ def test_repository_configs(tiny_export: TinyExport, tmp_path: Path, backend: st
             assert config.parameters["onnx_file"].string_value == "model.onnx"
         if backend != "tensorrt":
             assert not config.model_warmup
+            # Both CPU backends serve the graph's ONNX Runtime rewrite, byte for byte.
+            served = hashlib.sha256((repo / name / "1" / "model.onnx").read_bytes()).hexdigest()
+            assert served == entry["optimized"]["files"][0]["sha256"] != entry["files"][0]["sha256"]
     for name in ("preprocess", "postprocess"):
         assert configs[name].backend == "python"
         assert configs[name].instance_group[0].kind == configs[name].instance_group[0].KIND_CPU
@@ -88,6 +92,20 @@ def test_repository_configs(tiny_export: TinyExport, tmp_path: Path, backend: st
     assert [t.name for t in top.output] == ["MASK", "SCORES", "NO_TARGET", "EXISTENCE_PROB"]
     assert top.parameters["score_threshold"].string_value == str(manifest["score_threshold"])
     assert not list(tmp_path.glob(".repo*")), "staging folders left behind"
+
+
+def test_onnxruntime_models_share_one_thread_pool(tiny_export: TinyExport, tmp_path: Path) -> None:
+    ort_repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "ort", "onnxruntime", spm_path=tiny_export.spm,
+                                    intra_op_threads=3)
+    pool = ["--backend-config=onnxruntime,enable-global-threadpool=1", "--backend-config=onnxruntime,inter_op_thread_count=1",
+            "--backend-config=onnxruntime,intra_op_thread_count=3"]
+    assert onnxruntime_pool_args(ort_repo) == pool
+    command, _ = TritonServer(ort_repo, binary="/opt/tritonserver/bin/tritonserver").command()
+    assert command[-len(pool):] == pool
+    # The caller's own onnxruntime backend settings win; python-backend repositories need none.
+    assert onnxruntime_pool_args(ort_repo, ["--backend-config=onnxruntime,enable-global-threadpool=0"]) == []
+    python_repo = generate_triton_repo(tiny_export.onnx_dir, tmp_path / "py", "python", spm_path=tiny_export.spm)
+    assert onnxruntime_pool_args(python_repo) == []
 
 
 def test_tensorrt_engines_must_come_from_the_export_and_pass_parity(tiny_export: TinyExport, tmp_path: Path) -> None:
@@ -130,9 +148,9 @@ def test_failed_generation_leaves_nothing(tiny_export: TinyExport, tmp_path: Pat
     """A graph that no longer matches its manifest checksum stops the generation; no partial repository."""
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(tiny_export.onnx_dir, onnx_dir)
-    with open(onnx_dir / "round_2.onnx", "ab") as f:
+    with open(onnx_dir / "round_2.opt.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(RepoError, match="round_2.onnx does not match the sha256"):
+    with pytest.raises(RepoError, match="round_2.opt.onnx does not match the sha256"):
         generate_triton_repo(onnx_dir, tmp_path / "repo", "onnxruntime", spm_path=tiny_export.spm)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 

@@ -87,7 +87,9 @@ class Tensor:
 @dataclass(frozen=True)
 class Graph:
     name: str
-    files: tuple[tuple[Path, str], ...]  # (path, sha256): the graph first, then external data files
+    # (path, sha256) of what the CPU backends serve: the graph first, then external data files.
+    files: tuple[tuple[Path, str], ...]
+    exported_sha256: str  # of the graph as exported, which TensorRT engines are built from
     custom_ops: tuple[str, ...]
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
@@ -152,7 +154,9 @@ def read_export(onnx_dir: str | os.PathLike[str]) -> Export:
         graphs = {
             name: Graph(
                 name=name,
-                files=tuple((folder / f["name"], str(f["sha256"])) for f in entry["files"]),
+                # The ONNX Runtime rewrite where the export has one (both CPU backends run ORT).
+                files=tuple((folder / f["name"], str(f["sha256"])) for f in entry.get("optimized", entry)["files"]),
+                exported_sha256=str(entry["files"][0]["sha256"]),
                 custom_ops=tuple(entry.get("custom_ops", ())),
                 inputs=tuple(_tensor(name, t) for t in entry["inputs"]),
                 outputs=tuple(_tensor(name, t) for t in entry["outputs"]),
@@ -193,7 +197,7 @@ def read_engines(engines_dir: str | os.PathLike[str], export: Export, names: Seq
     for key, value in (("preset", export.preset), ("resolution", export.resolution)):
         if manifest.get(key) != value:
             raise RepoError(f"the engines in {folder} were built for {key} {manifest.get(key)!r}, the ONNX export has {value!r}")
-    stale = [name for name, entry in entries.items() if entry.get("onnx_sha256") != export.graphs[name].files[0][1]]
+    stale = [name for name, entry in entries.items() if entry.get("onnx_sha256") != export.graphs[name].exported_sha256]
     if stale:
         raise RepoError(f"the engines for {', '.join(stale)} in {folder} were not built from this ONNX export's graphs; "
                         f"pass the export they were built from ({folder / 'onnx'}) or rebuild them")

@@ -79,6 +79,37 @@ _MANAGED_OPTIONS = ("--model-control-mode", "--load-model", "--exit-timeout-secs
 _OTHER_BACKENDS = re.compile(r'^platform:\s*"(tensorrt_plan|onnxruntime_onnx)"', re.MULTILINE)
 
 
+def onnxruntime_pool_args(repo: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    """tritonserver arguments that give a repository's ``onnxruntime_onnx`` models one shared thread
+    pool of the largest ``intra_op_thread_count`` among them (none for a repository without such
+    models, or when ``extra_args`` configure the onnxruntime backend themselves).
+
+    Each of those models otherwise has its own pools of that size on the same cores, and an ensemble
+    runs them one after the other: the pool that just finished spins on the cores the next model
+    needs. Triton's ONNX Runtime backend has no per-model switch for spinning (its parameters are the
+    thread counts, the execution mode, the memory arena and the graph optimisation level); one global
+    pool is its way to keep a chain of models from oversubscribing the cores, which is what turning
+    spinning off does in one process (export/ort_optimize.session_options).
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    if any(arg.startswith("--backend-config=onnxruntime,") for arg in extra_args):
+        return []
+    threads = []
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        if config.platform == "onnxruntime_onnx":
+            count = config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters else ""
+            threads.append(int(count) if count.isdigit() else 0)
+    if not threads:
+        return []
+    args = ["--backend-config=onnxruntime,enable-global-threadpool=1", "--backend-config=onnxruntime,inter_op_thread_count=1"]
+    if max(threads) > 0:  # 0: ONNX Runtime's default, one thread per core
+        args.append(f"--backend-config=onnxruntime,intra_op_thread_count={max(threads)}")
+    return args
+
+
 class ServerError(ToolError):
     """The server could not be found, started, or did not become ready; the message says why."""
 
@@ -201,7 +232,7 @@ class TritonServer:
         binary = self.binary or (Path(found) if (found := shutil.which("tritonserver")) else None)
         if binary is None:
             binary = self._prepare_bundled(env, args)
-        return [str(binary), *args, *self.extra_args], env
+        return [str(binary), *args, *onnxruntime_pool_args(self.repo, self.extra_args), *self.extra_args], env
 
     def _prepare_bundled(self, env: dict[str, str], args: list[str]) -> Path:
         dist = bundled_server_dir()
