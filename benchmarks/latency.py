@@ -40,9 +40,10 @@ or ONNX Runtime's per-node profile) at the first batch of each resolution. The l
 is the least-squares slope of log end-to-end latency against log pixel count over 384..1024
 (all measured resolutions when fewer than two fall there), at the smallest batch.
 
-Weights are seeded random unless --checkpoint is given: the work is the same, the masks are
-meaningless, and the report says which. The expressions are tokenised with a small timing
-sentencepiece model unless --tokenizer names beit3.spm.
+Weights are seeded random unless --checkpoint is given (or the preset is deris-demo, whose shipped
+weights and tokenizer are the default): the work is the same, the masks are meaningless, and the
+report says which. The expressions are tokenised with a small timing sentencepiece model unless
+--tokenizer names beit3.spm.
 
 Outputs with --out DIR (each file written atomically): latency.md (the tables), summary.csv (one
 row per backend, stage and point), samples.csv (every timed call), latency_vs_resolution.png
@@ -129,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", type=preset_name, default="deris-b-grefcoco", metavar="NAME",
                         help=f"model preset: {', '.join(PRESETS)}; official names such as DERIS-B-grefcoco work too "
                              "(default deris-b-grefcoco)")
-    parser.add_argument("--checkpoint", type=Path, help="weights to load (default: seeded random weights, stated in the output)")
-    parser.add_argument("--tokenizer", type=Path, help="beit3.spm (default: a small timing sentencepiece model)")
+    parser.add_argument("--checkpoint", type=Path, help="weights to load (default: the shipped weights for deris-demo, "
+                        "else seeded random weights, stated in the output)")
+    parser.add_argument("--tokenizer", type=Path, help="beit3.spm (default: the demo model's own for deris-demo, else a "
+                        "small timing sentencepiece model)")
     parser.add_argument("--backends", type=_choices(BACKENDS, "backend"), default=("torch", "onnxruntime"), metavar="LIST",
                         help=f"comma-separated, from {', '.join(BACKENDS)}; the first is the baseline of every "
                              "ratio (default torch,onnxruntime)")
@@ -904,6 +907,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     import torch
     from tqdm import tqdm
 
+    from deris import demo
     from deris.export.onnx_export import load_model
     from deris.text import TextEncoder
 
@@ -912,6 +916,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(args.threads)
+    if args.preset == demo.PRESET:  # the shipped, trained demo model, unless told otherwise
+        args.checkpoint = args.checkpoint or demo.verify_asset(demo.DEMO_WEIGHTS)
+        args.tokenizer = args.tokenizer or demo.verify_asset(demo.DEMO_TOKENIZER)
     model = load_model(args.preset, args.checkpoint)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deris-latency-")))

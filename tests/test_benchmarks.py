@@ -234,6 +234,25 @@ def test_report_csv_and_plots(tmp_path, monkeypatch):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_demo_model_sweep_on_the_cpu(tmp_path):
+    """The issue's command, as a user runs it: the shipped demo model (its weights are the default for
+    its preset), PyTorch against ONNX Runtime's optimised graphs, two resolutions, three runs."""
+    out = tmp_path / "demo"
+    command = [sys.executable, str(BENCHMARKS / "latency.py"), "--preset", "deris-demo", "--backends", "torch,onnxruntime",
+               "--resolutions", "288,416", "--batch", "1", "--runs", "3", "--quiet", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    points = {(r["backend"], r["stage"], r["resolution"]) for r in rows}
+    assert points == {(b, s, px) for b in ("torch", "onnxruntime") for s in latency.STAGES for px in ("288", "416")}
+    assert all(r["error"] == "" and float(r["p50_ms"]) > 0 for r in rows)
+    report = (out / "latency.md").read_text()
+    assert "deris-demo.safetensors" in report and "seeded random" not in report
+    for png in ("latency_vs_resolution.png", "throughput_vs_batch.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+
+
 def test_command_line_errors_and_help():
     with pytest.raises(SystemExit):
         latency.parse_args(["--resolutions", "300"])  # not a multiple of 32
