@@ -805,19 +805,37 @@ def csv_rows(results: Results, ctx: Context, stamp: Stamp) -> tuple[list[dict[st
     return summary, samples
 
 
-def plot_latency(results: Results, backends: Sequence[str], stages: Sequence[str], batch: int, stamp: Stamp, path: Path) -> None:
-    """p50 against pixels on log-log axes, one panel per stage, with a line proportional to the
-    pixel count through the baseline's first point."""
+def _panels(count: int, max_columns: int, panel: tuple[float, float]) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels, at most ``max_columns`` per row (unused cells hidden): (figure, axes)."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = min(2, len(stages))
-    rows = -(-len(stages) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows + 0.6), squeeze=False)
-    for ax, stage in zip(axes.flat, stages):
+    columns = min(max_columns, count)
+    rows = -(-count // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(panel[0] * columns, panel[1] * rows + 0.6), squeeze=False)
+    for ax in list(grid.flat)[count:]:
+        ax.set_visible(False)
+    return figure, list(grid.flat)[:count]
+
+
+def _save(figure: Any, path: Path, stamp: Stamp, footer: float) -> None:
+    """Lay out (``footer``: the share of the height kept for the stamp), stamp, write and close ``figure``."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout(rect=(0, footer, 1, 1))
+    harness.save_figure(figure, path, stamp)
+    plt.close(figure)
+
+
+def plot_latency(results: Results, backends: Sequence[str], stages: Sequence[str], batch: int, stamp: Stamp, path: Path) -> None:
+    """p50 against pixels on log-log axes, one panel per stage, with a line proportional to the
+    pixel count through the baseline's first point."""
+    import matplotlib.ticker
+
+    figure, axes = _panels(len(stages), 2, (6, 4.2))
+    for ax, stage in zip(axes, stages):
         for backend in backends:
             points = sorted((m.resolution, m.p()[0]) for m in results.measurements
                             if m.backend == backend and m.stage == stage and m.batch == batch and m.times)
@@ -839,24 +857,13 @@ def plot_latency(results: Results, backends: Sequence[str], stages: Sequence[str
         ax.set_ylabel("p50 latency (ms)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(stages):]:
-        ax.set_visible(False)
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
-    harness.save_figure(figure, path, stamp)
-    plt.close(figure)
+    _save(figure, path, stamp, 0.06)
 
 
 def plot_throughput(results: Results, backends: Sequence[str], resolutions: Sequence[int], stamp: Stamp, path: Path) -> None:
     """End-to-end images/s against batch, one panel per resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = min(4, len(resolutions))
-    rows = -(-len(resolutions) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows + 0.6), squeeze=False)
-    for ax, resolution in zip(axes.flat, resolutions):
+    figure, axes = _panels(len(resolutions), 4, (4.2, 3.6))
+    for ax, resolution in zip(axes, resolutions):
         for backend in backends:
             points = sorted((m.batch, m.throughput) for m in results.measurements
                             if m.backend == backend and m.stage == "end_to_end" and m.resolution == resolution and m.times)
@@ -870,11 +877,7 @@ def plot_throughput(results: Results, backends: Sequence[str], resolutions: Sequ
         ax.set_ylabel("images/s at p50")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(resolutions):]:
-        ax.set_visible(False)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
-    harness.save_figure(figure, path, stamp)
-    plt.close(figure)
+    _save(figure, path, stamp, 0.08)
 
 
 def write_outputs(out: Path, results: Results, backends: Sequence[Backend], ctx: Context, stamp: Stamp, report: str) -> list[Path]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from deris.cli_support import (
     EXIT_OK,
-    CheckFailed,
     add_command,
     add_force,
     add_onnx,
@@ -50,19 +49,14 @@ def _run_onnx(args: argparse.Namespace) -> int:
     options.validate(pipeline_topology(cfg, resolution).graph_names)
 
     from deris.export.onnx_export import export_onnx, load_model
-    from deris.export.verify import format_table, verify_export
+    from deris.export.verify import require_verified
 
     model = load_model(preset, checkpoint)
     out = export_onnx(model, args.out, options, force=args.force, progress=not args.quiet)
     print(f"wrote {out}")
     if args.no_verify:
         return EXIT_OK
-    checks = verify_export(out, model)
-    print(format_table(checks))
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        raise CheckFailed(f"{len(failed)} of {len(checks)} outputs out of tolerance (the export is kept in {out} for inspection)")
-    print(f"verification passed: {len(checks)} outputs within tolerance")
+    require_verified(out, model, f"the export is kept in {out} for inspection")
     return EXIT_OK
 
 

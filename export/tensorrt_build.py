@@ -543,7 +543,7 @@ def _export(request: TrtRequest, onnx_dir: Path, progress: bool) -> DeRIS:
     from deris.config import get_config
     from deris.export.onnx_export import export_onnx, load_model
     from deris.export.options import ExportOptions, check_resolution
-    from deris.export.verify import format_table, verify_export
+    from deris.export.verify import require_verified
 
     assert request.preset is not None
     cfg = get_config(request.preset)
@@ -553,12 +553,7 @@ def _export(request: TrtRequest, onnx_dir: Path, progress: bool) -> DeRIS:
     options = ExportOptions(resolution, request.msda, request.precision or "fp16", None, weights, ort_optimize=False)
     model = load_model(request.preset, request.checkpoint)
     export_onnx(model, onnx_dir, options, progress=progress)
-    checks = verify_export(onnx_dir, model)
-    print(format_table(checks))
-    bad = [c for c in checks if not c.passed]
-    if bad:
-        raise CheckFailed(f"{len(bad)} of {len(checks)} ONNX outputs out of tolerance; see `deris-export onnx` to inspect them")
-    print(f"ONNX verification passed: {len(checks)} outputs within tolerance")
+    require_verified(onnx_dir, model, f"the export is kept in {onnx_dir}; `deris-export onnx` shows the same table")
     return model
 
 

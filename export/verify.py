@@ -35,6 +35,7 @@ import torch
 from numpy.typing import NDArray
 
 import deris.kernels as kernels
+from deris.cli_support import CheckFailed
 from deris.config import DerisConfig
 from deris.export.graphs import build_graph
 from deris.export.manifest import read_manifest
@@ -189,6 +190,18 @@ def verify_export(
                     check = compare_output(name, batch, out_name, value, ref.numpy(), precision, model.cfg.score_threshold)
                     checks.append(dataclasses.replace(check, file=file))
     return sorted(checks, key=lambda c: (graphs.index(c.graph), files[c.graph].index(c.file), c.batch))
+
+
+def require_verified(directory: str | Path, model: DeRIS, where_kept: str) -> list[OutputCheck]:
+    """:func:`verify_export`, its table printed; CheckFailed (saying ``where_kept``, where the export
+    can be inspected) when any output is out of tolerance."""
+    checks = verify_export(directory, model)
+    print(format_table(checks))
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise CheckFailed(f"{len(failed)} of {len(checks)} ONNX outputs out of tolerance ({where_kept})")
+    print(f"ONNX verification passed: {len(checks)} outputs within tolerance")
+    return checks
 
 
 def format_table(checks: Sequence[OutputCheck]) -> str:
