@@ -175,7 +175,7 @@ if [ $DRY_RUN -eq 1 ]; then
         --batch 1 --runs 1 --warmup 0 --out "$OUT_DIR/latency-dry-run"
     plan_step ort "${ORT_GPU[@]}"
 else
-    run_step pytest 120 "${PYTEST[@]}"
+    run_step pytest 180 "${PYTEST[@]}"
     run_step kernels 90 "${KERNELS[@]}"
     run_step latency 150 "${LATENCY_GPU[@]}"
     if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2> /dev/null; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,40 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
         return
     with device_guard(next(arg.device for arg in args if isinstance(arg, torch.Tensor))):
         torch.library.wrap_triton(kernel)[planned.grid](*args, **meta)
+
+
+AUTOTUNE_ENV_VAR = "DERIS_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """Whether launchers that have a tuning space autotune: on a GPU, unless ``DERIS_AUTOTUNE=0``
+    (read at every launch). Under the interpreter they always take their fixed configuration."""
+    value = os.environ.get(AUTOTUNE_ENV_VAR, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV_VAR}={value!r}; accepted: 1 (autotune on a GPU, the default) or 0 "
+                         "(the launchers' fixed configurations)")
+    return value == "1" and not INTERPRETING
+
+
+def launch_tuned(tuner: Any, configs: Sequence[dict[str, Any]], grid: Callable[[dict[str, Any]], tuple[int, ...]],
+                 *args: Any, **meta: Any) -> None:
+    """Launch the kernel of ``tuner`` (a ``triton.autotune`` of it over the same space as ``configs``).
+
+    ``configs`` are the launch configurations of the space (block sizes and ``num_warps``), the
+    fixed one first: it runs when :func:`autotuning` is off; otherwise the tuner times the space
+    once per key and launches the fastest. Inside :func:`planning_only` every configuration is
+    recorded, so that each one a GPU may pick is compiled ahead of time. ``grid`` maps a
+    configuration to the launch grid.
+    """
+    if _planner.get() is not None:
+        for config in configs:
+            launch(tuner.fn, grid(config), *args, **meta, **config)
+        return
+    if not autotuning():
+        launch(tuner.fn, grid(configs[0]), *args, **meta, **configs[0])
+        return
+    with device_guard(next(arg.device for arg in args if isinstance(arg, torch.Tensor))):
+        torch.library.wrap_triton(tuner)[grid](*args, **meta)
 
 
 def triton_op(name: str, body: Callable[..., Any]) -> torch.library.CustomOpDef:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ._triton_support import (
     INTERPRETING,
+    TRITON_AVAILABLE,
     check_deterministic,
     check_float,
     check_same_device,
@@ -41,6 +42,7 @@ from ._triton_support import (
     gradient_like,
     jit,
     launch,
+    launch_tuned,
     reference_vjp,
     require_triton,
     skipped_gradient,
@@ -151,7 +153,7 @@ def ms_deform_attn_fused_reference(
 # [B, S, H, D]: row (b, s) of head h starts at ((b * S + s) * H + h) * D.
 #
 # Forward: one lane per query. A program covers BLOCK_Q queries of one (batch, head); each lane
-# does its query's per-point work (location, floor, corner weights and rows) once, then gathers
+# does its query's per-point work (location, floor, corner weights and addresses) once, then gathers
 # the head's D channels of each corner as NUM_CHUNKS loads of CHUNK channels (16 bytes: 8 fp16 or
 # 4 fp32), all held by that lane: a (NUM_CHUNKS, BLOCK_Q, CHUNK) tile whose first axis stays in
 # registers. Lanes sharing a query would repeat the per-point work, which is most of the
@@ -173,46 +175,79 @@ def _split_coordinate(pixel, size):
 
 
 @jit
-def _axis_corners(pixel, size):
-    """Along one axis, the two neighbours of an fp32 pixel coordinate: their indices, and their
-    interpolation weights, zero for a neighbour outside the level (zero padding)."""
-    first, upper_weight = _split_coordinate(pixel, size)
-    second = first + 1
-    # An index is inside exactly when it is in [0, size): one unsigned comparison.
-    first_inside = first.to(tl.uint32) < size.to(tl.uint32)
-    second_inside = second.to(tl.uint32) < size.to(tl.uint32)
-    # An outside neighbour reads key 0 of the level, with weight zero: every load stays unmasked
-    # and in bounds. (A non-finite value there would leak in as 0 * inf; activations are finite.)
-    return (tl.where(first_inside, first, 0), tl.where(second_inside, second, 0),
-            tl.where(first_inside, 1.0 - upper_weight, 0.0), tl.where(second_inside, upper_weight, 0.0))
+def _axis_neighbours(pixel, last_first, reach):
+    """Along one axis, the lower of the two neighbours a forward sample reads, and both
+    interpolation weights, for an fp32 pixel coordinate.
+
+    The lower neighbour is clamped to [0, last_first] (last_first = max(size - 2, 0)), so both
+    neighbours are inside the level and every load is unmasked and in bounds, with no per-corner
+    test or select. The weights are tent functions of the distance to each neighbour, zero for a
+    neighbour the clamp moved away, which is what zero padding asks: for a coordinate in
+    [0, size - 1] they are exactly 1 - frac and frac, in [-1, 0) and (size - 1, size) only the
+    neighbour inside weighs, and beyond both weigh zero. ``reach`` is 2 on an axis of two or more
+    pixels and -inf on one of a single pixel, whose second neighbour then weighs zero. A NaN
+    coordinate weighs zero (max and min return the non-NaN operand).
+    """
+    lower = tl.minimum(tl.maximum(tl.floor(pixel), 0.0), last_first)
+    distance = pixel - lower
+    # The second weight is not 1 - |distance - 1|, which rounds a tiny distance away; reach -
+    # distance is exact where it is the minimum (distance in [1, 2), the right border).
+    return (lower.to(tl.int32), tl.maximum(1.0 - tl.abs(distance), 0.0),
+            tl.maximum(tl.minimum(distance, reach - distance), 0.0))
 
 
 @jit
-def _gather(level_ptr, rows, row_stride, channels, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
-    """(NUM_CHUNKS, BLOCK_Q, CHUNK) fp32 channels of the keys ``rows`` (one per query) of a level."""
-    pointers = level_ptr + (rows.to(tl.int64) * row_stride)[None, :, None] + channels
+def _gather(pointers, channels, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
+    """(NUM_CHUNKS, BLOCK_Q, CHUNK) fp32 channels at ``pointers`` (one key per query)."""
+    pointers = pointers[None, :, None] + channels
     if PADDED:  # HEAD_DIM is not NUM_CHUNKS * CHUNK: the last chunks are partly past the head
         return tl.load(pointers, mask=channels < HEAD_DIM, other=0.0).to(tl.float32)
     return tl.load(pointers).to(tl.float32)
 
 
 @jit
-def _accumulate_sample(acc, level_ptr, x, y, width, height, weight, row_stride, channels,
-                       HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
-    """acc + weight * bilinear sample at pixel coordinates (x, y), per query of the block."""
-    x0, x1, wx0, wx1 = _axis_corners(x, width)
-    y0, y1, wy0, wy1 = _axis_corners(y, height)
-    top = y0 * width
-    bottom = y1 * width
+def _level_scalars(levels_ptr, level, row_stride, NARROW: tl.constexpr):
+    """What the forward's samples of one level share: the offset of its first key (in elements,
+    from the head's), its size, the clamp limits and reaches of _axis_neighbours, and the offsets
+    from a key to its right and lower neighbours. Only NARROW (a level one pixel high or wide)
+    needs them computed: there an axis of one pixel has a second neighbour of weight zero, read at
+    offset 0 to stay in bounds."""
+    height = tl.load(levels_ptr + 3 * level)
+    width = tl.load(levels_ptr + 3 * level + 1)
+    first_key = tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+    last_x = tl.maximum(width - 2, 0).to(tl.float32)
+    last_y = tl.maximum(height - 2, 0).to(tl.float32)
+    if NARROW:
+        scalars = (width, last_x, last_y, tl.where(width > 1, 2.0, float("-inf")),
+                   tl.where(height > 1, 2.0, float("-inf")), tl.where(width > 1, row_stride, 0),
+                   tl.where(height > 1, width * row_stride, 0))
+    else:
+        scalars = (width, last_x, last_y, 2.0, 2.0, row_stride, width * row_stride)
+    return first_key, height, width, scalars
+
+
+@jit
+def _accumulate_sample(acc, level_ptr, x, y, level, weight, row_stride, channels,
+                       HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, NARROW: tl.constexpr):
+    """acc + weight * bilinear sample at pixel coordinates (x, y), per query of the block.
+
+    ``level`` holds the per-level scalars of _level_scalars. Without NARROW (every level at least
+    2 x 2) the right neighbour is the next key, a constant offset the loads take as an immediate.
+    """
+    width, last_x, last_y, reach_x, reach_y, x_step, y_step = level
+    x0, wx0, wx1 = _axis_neighbours(x, last_x, reach_x)
+    y0, wy0, wy1 = _axis_neighbours(y, last_y, reach_y)
     top_weight = weight * wy0
     bottom_weight = weight * wy1
-    # Keys within a level number < 2^31 / row_stride (checked by the launcher): int32 rows suffice.
-    acc += (top_weight * wx0)[None, :, None] * _gather(level_ptr, top + x0, row_stride, channels, HEAD_DIM, PADDED)
-    acc += (top_weight * wx1)[None, :, None] * _gather(level_ptr, top + x1, row_stride, channels, HEAD_DIM, PADDED)
-    acc += (bottom_weight * wx0)[None, :, None] * _gather(level_ptr, bottom + x0, row_stride, channels, HEAD_DIM,
-                                                          PADDED)
-    acc += (bottom_weight * wx1)[None, :, None] * _gather(level_ptr, bottom + x1, row_stride, channels, HEAD_DIM,
-                                                          PADDED)
+    # Keys within a level number < 2^31 / row_stride (checked by the launcher): int32 offsets suffice.
+    top_left = level_ptr + (y0 * width + x0).to(tl.int64) * row_stride
+    bottom_left = top_left + y_step
+    top_right = top_left + x_step
+    bottom_right = bottom_left + x_step
+    acc += (top_weight * wx0)[None, :, None] * _gather(top_left, channels, HEAD_DIM, PADDED)
+    acc += (top_weight * wx1)[None, :, None] * _gather(top_right, channels, HEAD_DIM, PADDED)
+    acc += (bottom_weight * wx0)[None, :, None] * _gather(bottom_left, channels, HEAD_DIM, PADDED)
+    acc += (bottom_weight * wx1)[None, :, None] * _gather(bottom_right, channels, HEAD_DIM, PADDED)
     return acc
 
 
@@ -314,9 +349,9 @@ def _column(tile, columns, index):
 @jit
 def _msda_forward_kernel(
     value_ptr, levels_ptr, locations_ptr, weights_ptr, out_ptr,
-    num_keys, num_queries,
+    num_keys, num_queries, query_bucket,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NARROW: tl.constexpr,
 ):
     _, query_rows, q_mask, head_ptr, channels = _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS,
                                                                HEAD_DIM, BLOCK_Q, CHUNK, NUM_CHUNKS)
@@ -326,9 +361,8 @@ def _msda_forward_kernel(
     entries = query_rows * (NUM_LEVELS * NUM_POINTS)
     acc = tl.zeros((NUM_CHUNKS, BLOCK_Q, CHUNK), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
-        height = tl.load(levels_ptr + 3 * level)
-        width = tl.load(levels_ptr + 3 * level + 1)
-        level_ptr = head_ptr + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
+        level_ptr = head_ptr + first_key
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
             loc_x, loc_y = _load_pairs(locations_ptr, entry)
@@ -336,8 +370,8 @@ def _msda_forward_kernel(
             # align_corners=False: pixel centres sit at normalised (i + 0.5) / size.
             x = loc_x * width.to(tl.float32) - 0.5
             y = loc_y * height.to(tl.float32) - 0.5
-            acc = _accumulate_sample(acc, level_ptr, x, y, width, height, weight, row_stride, channels, HEAD_DIM,
-                                     padded)
+            acc = _accumulate_sample(acc, level_ptr, x, y, scalars, weight, row_stride, channels, HEAD_DIM,
+                                     padded, NARROW)
     _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM)
 
 
@@ -386,9 +420,9 @@ def _msda_backward_kernel(
 @jit
 def _msda_fused_forward_kernel(
     value_ptr, levels_ptr, reference_ptr, offsets_ptr, logits_ptr, out_ptr,
-    num_keys, num_queries,
+    num_keys, num_queries, query_bucket,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NARROW: tl.constexpr,
 ):
     queries, query_rows, q_mask, head_ptr, channels = _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS,
                                                                      HEAD_DIM, BLOCK_Q, CHUNK, NUM_CHUNKS)
@@ -408,9 +442,8 @@ def _msda_fused_forward_kernel(
 
     acc = tl.zeros((NUM_CHUNKS, BLOCK_Q, CHUNK), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
-        height = tl.load(levels_ptr + 3 * level)
-        width = tl.load(levels_ptr + 3 * level + 1)
-        level_ptr = head_ptr + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
+        level_ptr = head_ptr + first_key
         # reference_points is [B, Q, L, 2]: shared by the heads. loc = ref + offset / size, so the
         # pixel coordinate loc * size - 0.5 is ref * size + offset - 0.5 (no division).
         ref_x, ref_y = _load_pairs(reference_ptr, queries * NUM_LEVELS + level)
@@ -422,8 +455,8 @@ def _msda_fused_forward_kernel(
             x = ref_x + offset_x
             y = ref_y + offset_y
             weight = tl.exp(tl.load(logits_ptr + entry).to(tl.float32) - top) * inverse_total
-            acc = _accumulate_sample(acc, level_ptr, x, y, width, height, weight, row_stride, channels, HEAD_DIM,
-                                     padded)
+            acc = _accumulate_sample(acc, level_ptr, x, y, scalars, weight, row_stride, channels, HEAD_DIM,
+                                     padded, NARROW)
     _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM)
 
 
@@ -485,7 +518,8 @@ def _msda_fused_backward_kernel(
 
 def msda_forward_config(num_queries: int, head_dim: int, element_size: int,
                         interpreting: bool = INTERPRETING) -> dict[str, int]:
-    """BLOCK_Q, CHUNK, NUM_CHUNKS and num_warps of the forward launches (plain and fused).
+    """BLOCK_Q, CHUNK, NUM_CHUNKS and num_warps of the forward launches (plain and fused) when
+    autotuning is off.
 
     ``interpreting`` asks for the configuration of Triton's interpreter instead of a GPU's: the
     ahead-of-time compile checks pass False to see the GPU one whatever the process runs under.
@@ -503,6 +537,36 @@ def msda_forward_config(num_queries: int, head_dim: int, element_size: int,
     return dict(BLOCK_Q=block_q, CHUNK=chunk, NUM_CHUNKS=chunks, num_warps=block_q // 32)
 
 
+# The forward's autotuning space: programs of 1, 2, 4 or 8 warps, one lane per query in each. The
+# per-lane code is the same; they differ in how the work spreads over the SMs (and the tail of
+# the grid) and in how many neighbouring queries, whose samples overlap, share an SM's L1.
+FORWARD_TUNING_BLOCKS = (32, 64, 128, 256)
+
+
+def msda_forward_configs(num_queries: int, head_dim: int, element_size: int,
+                         interpreting: bool = INTERPRETING) -> list[dict[str, int]]:
+    """Every forward launch configuration autotuning may pick, msda_forward_config's first (the
+    interpreter has only its own)."""
+    fixed = msda_forward_config(num_queries, head_dim, element_size, interpreting)
+    if interpreting:
+        return [fixed]
+    return [fixed, *(dict(fixed, BLOCK_Q=block, num_warps=block // 32) for block in FORWARD_TUNING_BLOCKS
+                     if block != fixed["BLOCK_Q"])]
+
+
+def _forward_tuner(kernel: Any) -> Any:
+    """``kernel`` autotuned over FORWARD_TUNING_BLOCKS, once per storage dtype (Triton adds the
+    arguments' dtypes to the key), head size and power-of-two bucket of the query count."""
+    if not TRITON_AVAILABLE:
+        return None
+    configs = [triton.Config({"BLOCK_Q": block}, num_warps=block // 32) for block in FORWARD_TUNING_BLOCKS]
+    return triton.autotune(configs, key=["query_bucket", "HEAD_DIM"])(kernel)
+
+
+_msda_forward_tuned = _forward_tuner(_msda_forward_kernel)
+_msda_fused_forward_tuned = _forward_tuner(_msda_fused_forward_kernel)
+
+
 def msda_backward_config(num_queries: int, head_dim: int, interpreting: bool = INTERPRETING) -> dict[str, int]:
     """BLOCK_Q, BLOCK_D and num_warps of the backward launches (plain and fused); see msda_forward_config."""
     block_d = triton.next_power_of_2(head_dim)
@@ -515,16 +579,29 @@ def msda_backward_config(num_queries: int, head_dim: int, interpreting: bool = I
     return dict(BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
 
 
-def _launch_config(value: torch.Tensor, num_queries: int, num_levels: int, num_points: int,
-                   forward: bool) -> tuple[tuple[int, int], dict]:
+def _backward_launch(value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int, num_points: int
+                     ) -> tuple[tuple[int, int], dict]:
+    """Grid and meta-parameters of a backward launch."""
     batch, _, heads, head_dim = value.shape
-    if forward:
-        config = msda_forward_config(num_queries, head_dim, value.element_size())
-    else:
-        config = msda_backward_config(num_queries, head_dim)
+    config = msda_backward_config(num_queries, head_dim)
     grid = (triton.cdiv(num_queries, config["BLOCK_Q"]), batch * heads)
-    meta = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=num_levels, NUM_POINTS=num_points, **config)
-    return grid, meta
+    return grid, dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=len(shapes), NUM_POINTS=num_points, **config)
+
+
+def _launch_forward(tuner: Any, value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int,
+                    num_points: int, *args: Any) -> None:
+    """Launch a forward kernel, plain or fused (``args``: its tensors after the level table),
+    autotuned unless autotuning is off (see msda_forward_configs)."""
+    batch, num_keys, heads, head_dim = value.shape
+    configs = msda_forward_configs(num_queries, head_dim, value.element_size())
+    fixed = {name: configs[0][name] for name in ("CHUNK", "NUM_CHUNKS")}  # the same in every configuration
+    launch_tuned(tuner, [{"BLOCK_Q": c["BLOCK_Q"], "num_warps": c["num_warps"]} for c in configs],
+                 lambda config: (triton.cdiv(num_queries, config["BLOCK_Q"]), batch * heads),
+                 value, _levels(shapes, value.device), *args, num_keys, num_queries,
+                 triton.next_power_of_2(num_queries), NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=len(shapes),
+                 NUM_POINTS=num_points, **fixed,
+                 # A level one pixel high or wide (tiny inputs) has no second neighbour along that axis.
+                 NARROW=min(min(shape) for shape in shapes) < 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -577,12 +654,10 @@ def _msda_forward(value: torch.Tensor, spatial_shapes: list[int], locations: tor
     shapes = _pairs(spatial_shapes)
     if traced_on_cpu(value):
         return ms_deform_attn_reference(value, shapes, None, locations, weights)
-    batch, num_keys, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = locations.shape
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, _, num_points, _ = locations.shape
     out = value.new_empty(batch, num_queries, heads, head_dim)
-    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
-    launch(_msda_forward_kernel, grid, value, _levels(shapes, value.device), locations, weights, out, num_keys,
-           num_queries, **meta)
+    _launch_forward(_msda_forward_tuned, value, shapes, num_queries, num_points, locations, weights, out)
     return out.view(batch, num_queries, heads * head_dim)
 
 
@@ -590,11 +665,11 @@ def _msda_backward(value: torch.Tensor, spatial_shapes: list[int], locations: to
                    grad_out: torch.Tensor, value_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shapes = _pairs(spatial_shapes)
     _, num_keys, _, _ = value.shape
-    _, num_queries, _, num_levels, num_points, _ = locations.shape
+    _, num_queries, _, _, num_points, _ = locations.shape
     grad_value = _value_gradient(value, value_grad)
     grad_locations = torch.empty_like(locations)
     grad_weights = torch.empty_like(weights)
-    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
+    grid, meta = _backward_launch(value, shapes, num_queries, num_points)
     launch(_msda_backward_kernel, grid, value, _levels(shapes, value.device), locations, weights, grad_out,
            grad_value, grad_locations, grad_weights, num_keys, num_queries, VALUE_GRAD=value_grad, **meta)
     return grad_value.to(value.dtype) if value_grad else skipped_gradient(value), grad_locations, grad_weights
@@ -606,12 +681,11 @@ def _msda_fused_forward(value: torch.Tensor, spatial_shapes: list[int], referenc
     if traced_on_cpu(value):
         return ms_deform_attn_fused_reference(value, shapes, None, reference_points, sampling_offsets,
                                               attention_logits)
-    batch, num_keys, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, _, num_points, _ = sampling_offsets.shape
     out = value.new_empty(batch, num_queries, heads, head_dim)
-    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=True)
-    launch(_msda_fused_forward_kernel, grid, value, _levels(shapes, value.device), reference_points, sampling_offsets,
-           attention_logits, out, num_keys, num_queries, **meta)
+    _launch_forward(_msda_fused_forward_tuned, value, shapes, num_queries, num_points, reference_points,
+                    sampling_offsets, attention_logits, out)
     return out.view(batch, num_queries, heads * head_dim)
 
 
@@ -628,7 +702,7 @@ def _msda_fused_backward(
     # fp32, because the reference points' gradient is summed from it below.
     grad_offsets = torch.empty(sampling_offsets.shape, dtype=torch.float32, device=value.device)
     grad_logits = torch.empty_like(attention_logits)
-    grid, meta = _launch_config(value, num_queries, num_levels, num_points, forward=False)
+    grid, meta = _backward_launch(value, shapes, num_queries, num_points)
     launch(_msda_fused_backward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
            grad_out, grad_value, grad_offsets, grad_logits, num_keys, num_queries,
            BLOCK_LP=triton.next_power_of_2(num_levels * num_points), VALUE_GRAD=value_grad, **meta)

@@ -13,6 +13,7 @@ cores), seconds when warm.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import json
@@ -26,7 +27,11 @@ pytest.importorskip("triton")
 
 import deris.kernels.aot as aot  # noqa: E402
 from deris.kernels.mask_pool import mask_pool_launch_config  # noqa: E402
-from deris.kernels.ms_deform_attn import msda_backward_config, msda_forward_config  # noqa: E402
+from deris.kernels.ms_deform_attn import (  # noqa: E402
+    msda_backward_config,
+    msda_forward_config,
+    msda_forward_configs,
+)
 
 ARCHS = ("sm_80", "sm_90")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -71,15 +76,16 @@ def test_no_spills_and_no_local_memory(compiled):
     assert all(0 < r["registers"] <= 255 and r["sass_instructions"] > 0 for r in compiled)
 
 
-def launch_configs(record: dict) -> tuple[dict, dict]:
-    """(GPU, interpreter) configurations the launchers choose for a record's kernel and shapes."""
-    def choose(interpreting: bool) -> dict:
+def launch_configs(record: dict) -> tuple[list[dict], list[dict]]:
+    """(GPU, interpreter) configurations the launchers may choose for a record's kernel and shapes:
+    the MSDA forward's whole autotuning space, one fixed configuration for the others."""
+    def choose(interpreting: bool) -> list[dict]:
         if record["kernel"] in MASK_POOL_KERNELS:
-            return mask_pool_launch_config(aot.MASKS, aot.MASK_CHANNELS, (aot.MASK_SIZE // 4) ** 2, interpreting)
+            return [mask_pool_launch_config(aot.MASKS, aot.MASK_CHANNELS, (aot.MASK_SIZE // 4) ** 2, interpreting)]
         if record["kernel"] in MSDA_FORWARD_KERNELS:
-            return msda_forward_config(queries(record), aot.HEAD_DIM, aot.DTYPES[record["dtype"]].itemsize,
-                                       interpreting)
-        return msda_backward_config(queries(record), aot.HEAD_DIM, interpreting)
+            return msda_forward_configs(queries(record), aot.HEAD_DIM, aot.DTYPES[record["dtype"]].itemsize,
+                                        interpreting)
+        return [msda_backward_config(queries(record), aot.HEAD_DIM, interpreting)]
 
     return choose(interpreting=False), choose(interpreting=True)
 
@@ -88,11 +94,23 @@ def queries(record: dict) -> int:
     return sum(h * w for h, w in aot.msda_levels(record["resolution"]))
 
 
-def test_compiled_at_the_gpu_launch_configuration(compiled):
-    """The configurations compiled are the launchers' GPU choices, which the interpreter's are not."""
+def test_compiled_at_the_gpu_launch_configurations(compiled):
+    """The configurations compiled are exactly those a GPU launch may use (every one the forward's
+    autotuning may pick), none of which is the interpreter's."""
+    by_launch = collections.defaultdict(list)
     for r in compiled:
-        gpu, interpreter = launch_configs(r)
-        assert gpu != interpreter
-        assert {name: r["config"][name] for name in gpu} == gpu, (r["kernel"], r["config"])
-        if r["kernel"] in MSDA_KERNELS:
-            assert r["grid"] == [-(-queries(r) // gpu["BLOCK_Q"]), aot.HEADS]
+        by_launch[r["arch"], r["dtype"], r["kernel"], r["resolution"]].append(r)
+    for records in by_launch.values():
+        gpu, interpreter = launch_configs(records[0])
+        chosen = [{name: r["config"][name] for name in gpu[0]} for r in records]
+        assert sorted(map(str, chosen)) == sorted(map(str, gpu)), (records[0]["kernel"], chosen)
+        assert not any(config in interpreter for config in chosen)
+        if records[0]["kernel"] in MSDA_KERNELS:
+            assert all(r["grid"] == [-(-queries(r) // r["config"]["BLOCK_Q"]), aot.HEADS] for r in records)
+
+
+def test_the_forward_tunes_over_several_program_sizes():
+    configs = msda_forward_configs(21504, aot.HEAD_DIM, 2, interpreting=False)
+    assert configs[0] == msda_forward_config(21504, aot.HEAD_DIM, 2, interpreting=False)
+    assert len({c["BLOCK_Q"] for c in configs}) == len(configs) >= 4
+    assert all(c["BLOCK_Q"] == 32 * c["num_warps"] for c in configs)  # one lane per query in each

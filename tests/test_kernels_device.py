@@ -135,3 +135,15 @@ def test_backward_without_value_gradient_skips_the_scatter(monkeypatch, fused):
         value.requires_grad_()
         actual_fn(value, shapes, None, *rest).sum().backward()
     assert checked == [value.device]
+
+
+def test_autotuning_follows_deris_autotune_on_a_gpu(monkeypatch):
+    monkeypatch.delenv(support.AUTOTUNE_ENV_VAR, raising=False)
+    assert not support.autotuning(), "the interpreter takes the fixed configurations"
+    monkeypatch.setattr(support, "INTERPRETING", False)  # as a process that compiles for a GPU
+    assert support.autotuning()
+    monkeypatch.setenv(support.AUTOTUNE_ENV_VAR, "0")
+    assert not support.autotuning()
+    monkeypatch.setenv(support.AUTOTUNE_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=r"DERIS_AUTOTUNE='yes'; accepted: 1 .* or 0"):
+        support.autotuning()

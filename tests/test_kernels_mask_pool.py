@@ -16,32 +16,12 @@ import importlib
 
 import pytest
 import torch
-from kernel_checks import assert_close, triton_backend  # noqa: F401 (autouse fixture)
+from kernel_checks import assert_close, check_mask_pool, triton_backend  # noqa: F401 (autouse fixture)
 
 import deris.kernels as kernels
 
 # The package's mask_pool attribute is the public function, which hides the submodule.
 mask_pool_module = importlib.import_module("deris.kernels.mask_pool")
-
-
-def check_mask_pool(batch, masks, channels, height, width, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    # Logits of a few units so the sigmoid is neither flat nor saturated everywhere.
-    logits = (3 * torch.randn(batch, masks, height, width, generator=generator, dtype=torch.float64)).to(dtype)
-    features = torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64).to(dtype)
-    grad_out = torch.randn(batch, masks, channels, generator=generator, dtype=torch.float64).to(dtype)
-
-    expected_inputs = [t.double().requires_grad_() for t in (logits, features)]
-    expected = kernels.mask_pool_reference(*expected_inputs)
-    expected.backward(grad_out.double())
-    inputs = [t.clone().requires_grad_() for t in (logits, features)]
-    actual = kernels.mask_pool(*inputs)
-    actual.backward(grad_out)
-
-    assert actual.shape == (batch, masks, channels)
-    assert_close(actual, expected.detach(), dtype, "output")
-    assert_close(inputs[0].grad, expected_inputs[0].grad, dtype, "grad mask_logits")
-    assert_close(inputs[1].grad, expected_inputs[1].grad, dtype, "grad features")
 
 
 @pytest.mark.parametrize("batch, masks, channels, height, width", [

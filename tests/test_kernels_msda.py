@@ -22,45 +22,20 @@ import importlib
 
 import pytest
 import torch
-from kernel_checks import assert_close, fused_inputs, msda_inputs, triton_backend  # noqa: F401 (autouse fixture)
+from kernel_checks import (  # noqa: F401 (triton_backend: autouse fixture)
+    assert_close,
+    check_fused,
+    check_msda,
+    fused_inputs,
+    msda_inputs,
+    run,
+    triton_backend,
+)
 
 import deris.kernels as kernels
 
 # The package's ms_deform_attn attribute is the public function, which hides the submodule.
 msda_module = importlib.import_module("deris.kernels.ms_deform_attn")
-
-
-def run(fn, inputs, grad_out, *args):
-    """fn(inputs[0], *args, *inputs[1:]) and the gradients of (output * grad_out).sum()."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(leaves[0], *args, *leaves[1:])
-    out.backward(grad_out)
-    return out.detach(), [leaf.grad for leaf in leaves]
-
-
-def check_msda(batch, heads, head_dim, shapes, points, queries, dtype, spatial_as_tensor=False):
-    value, locations, weights, grad_out = msda_inputs(batch, heads, head_dim, shapes, points, queries)
-    stored = [t.to(dtype) for t in (value, locations, weights)]
-    spatial = torch.tensor(shapes) if spatial_as_tensor else shapes
-    starts = torch.tensor([0] + [h * w for h, w in shapes]).cumsum(0)[:-1]
-    expected, expected_grads = run(kernels.ms_deform_attn_reference, [t.double() for t in stored],
-                                   grad_out.to(dtype).double(), spatial, starts)
-    actual, grads = run(kernels.ms_deform_attn, stored, grad_out.to(dtype), spatial, starts)
-    assert actual.shape == (batch, queries, heads * head_dim)
-    assert_close(actual, expected, dtype, "output")
-    for name, grad, expected_grad in zip(("value", "locations", "weights"), grads, expected_grads):
-        assert_close(grad, expected_grad, dtype, f"grad {name}")
-
-
-def check_fused(batch, heads, head_dim, shapes, points, queries, dtype):
-    value, reference_points, offsets, logits, grad_out = fused_inputs(batch, heads, head_dim, shapes, points, queries)
-    stored = [t.to(dtype) for t in (value, reference_points, offsets, logits)]
-    expected, expected_grads = run(kernels.ms_deform_attn_fused_reference, [t.double() for t in stored],
-                                   grad_out.to(dtype).double(), shapes, None)
-    actual, grads = run(kernels.ms_deform_attn_fused, stored, grad_out.to(dtype), shapes, None)
-    assert_close(actual, expected, dtype, "output")
-    for name, grad, expected_grad in zip(("value", "reference_points", "offsets", "logits"), grads, expected_grads):
-        assert_close(grad, expected_grad, dtype, f"grad {name}")
 
 
 # (batch, heads, head_dim, level shapes, points, queries): odd, non-square and 1-pixel-wide levels,
@@ -119,8 +94,8 @@ def test_msda_fused(batch, heads, head_dim, shapes, points, queries, dtype):
 def test_several_query_blocks(monkeypatch):
     """Force BLOCK_Q = 16 so 40 queries take three programs, the last one partly masked."""
     forward, backward = msda_module.msda_forward_config, msda_module.msda_backward_config
-    monkeypatch.setattr(msda_module, "msda_forward_config", lambda queries, head_dim, element_size: dict(
-        forward(queries, head_dim, element_size), BLOCK_Q=16))
+    monkeypatch.setattr(msda_module, "msda_forward_config", lambda queries, head_dim, element_size, interpreting: dict(
+        forward(queries, head_dim, element_size, interpreting), BLOCK_Q=16))
     monkeypatch.setattr(msda_module, "msda_backward_config", lambda queries, head_dim: dict(
         backward(queries, head_dim), BLOCK_Q=16))
     check_msda(2, 1, 16, [(5, 7), (3, 3)], 2, 40, torch.float32)
