@@ -17,7 +17,9 @@ the SASS one warp runs, each loop times its trip count, times the warps of a pro
 the queries a program covers. A GPU issues at most one warp-instruction per scheduler per cycle
 (four per SM), so pairs x that count / (SMs x 4 x boost clock) is the time below which the kernel
 cannot run however fast memory is: the issue-bound estimate, given per MSDA call (one encoder
-layer; DeRIS runs 6) at batch 1, for the architecture's reference GPU.
+layer; DeRIS runs 6) at batch 1, for the architecture's reference GPU. Beside it, the L1 bound:
+the 32-byte sectors the value gathers touch, at four per cycle per SM. The fixed launch
+configurations fill the tables; the autotuning space of the forward gets a table of its own.
 
     python benchmarks/kernels_static.py --arch sm_90 --out benchmarks/results/kernels_static_sm90.md
 
@@ -42,7 +44,7 @@ from deris.kernels.aot import Instruction
 
 ROOT = Path(__file__).resolve().parents[1]
 # Meta-parameters that restate the problem's shape rather than choose a launch configuration.
-SHAPE_PARAMETERS = {"NUM_HEADS", "HEAD_DIM", "NUM_LEVELS", "NUM_POINTS", "VALUE_GRAD"}
+SHAPE_PARAMETERS = {"NUM_HEADS", "HEAD_DIM", "NUM_LEVELS", "NUM_POINTS", "VALUE_GRAD", "NARROW"}
 
 # Instruction classes for the breakdown of the MSDA forward (by SASS opcode, modifiers dropped).
 CLASSES = {
@@ -75,6 +77,27 @@ def instruction_classes(sass: Sequence[Instruction]) -> dict[str, int]:
     return dict(counts)
 
 
+FORWARD_KERNELS = ("_msda_forward_kernel", "_msda_fused_forward_kernel")
+
+
+def launch_config(compiled: aot.CompiledLaunch) -> str:
+    blocks = ", ".join(f"{name}={value}" for name, value in compiled.config.items()
+                       if name not in SHAPE_PARAMETERS and not name.startswith("num_"))
+    return f"{blocks}, {compiled.config['num_warps']} warps"
+
+
+def load_widths(compiled: aot.CompiledLaunch) -> str:
+    return ", ".join(f"{bits}b x {count}" for bits, count in compiled.global_load_widths.items())
+
+
+def gathered_sectors(compiled: aot.CompiledLaunch) -> int:
+    """32-byte L1 sectors the value gathers of one (query, head) touch: each corner reads the head's
+    channels, one aligned run (heads start at multiples of HEAD_DIM elements)."""
+    config = compiled.config
+    row_bytes = config["HEAD_DIM"] * aot.DTYPES[compiled.dtype].itemsize
+    return config["NUM_LEVELS"] * config["NUM_POINTS"] * 4 * -(-row_bytes // 32)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["sm_80", "sm_90"], default="sm_90",
@@ -95,54 +118,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     arch = aot.ARCHS[args.arch]
 
-    kernel_rows, forward_rows = [], []
+    kernel_rows, forward_rows, tuning_rows = [], [], []
     per_pair_1024: dict[tuple[str, str], float] = {}
-    seen = set()
+    sectors_1024: dict[tuple[str, str], int] = {}
+    seen, seen_launches = set(), set()
     for compiled, sass in aot.compile_all([arch], args.dtypes):
         print(f"compiled {compiled.dtype} {compiled.resolution} px {compiled.kernel}", file=sys.stderr, flush=True)
+        # A launcher records its fixed configuration first, then the rest of its autotuning space.
+        fixed = (compiled.kernel, compiled.dtype, compiled.resolution) not in seen_launches
+        seen_launches.add((compiled.kernel, compiled.dtype, compiled.resolution))
         if (compiled.kernel, compiled.dtype) not in seen:  # one row per kernel and dtype: shapes share the code
             seen.add((compiled.kernel, compiled.dtype))
-            widths = ", ".join(f"{bits}b x {count}" for bits, count in compiled.global_load_widths.items())
-            blocks = ", ".join(f"{name}={value}" for name, value in compiled.config.items()
-                               if name not in SHAPE_PARAMETERS and not name.startswith("num_"))
             kernel_rows.append(
-                f"| {compiled.kernel} | {compiled.dtype} | {blocks}, {compiled.config['num_warps']} warps "
+                f"| {compiled.kernel} | {compiled.dtype} | {launch_config(compiled)} "
                 f"| {compiled.registers} | {compiled.spill_instructions} / {compiled.stack} B | {compiled.shared} "
-                f"| {compiled.sass_instructions} | {widths} | {compiled.loops} |")
-        if compiled.kernel not in ("_msda_forward_kernel", "_msda_fused_forward_kernel"):
+                f"| {compiled.sass_instructions} | {load_widths(compiled)} | {compiled.loops} |")
+        if compiled.kernel not in FORWARD_KERNELS:
             continue
         # The forward kernels unroll their level and point loops: straight-line code, no trip counts
         # (issued_per_warp refuses code with loops it is given no counts for).
         per_pair = compiled.config["num_warps"] * aot.issued_per_warp(sass, []) / compiled.config["BLOCK_Q"]
+        if not fixed:
+            if compiled.resolution == 1024:
+                tuning_rows.append(f"| {compiled.kernel} | {compiled.dtype} | {launch_config(compiled)} "
+                                   f"| {compiled.registers} | {compiled.spill_instructions} | {per_pair:.1f} |")
+            continue
+        sectors = gathered_sectors(compiled)
         pairs = sum(h * w for h, w in aot.msda_levels(compiled.resolution)) * aot.HEADS
-        microseconds = pairs * per_pair / arch.warp_instructions_per_second * 1e6
+        issue_us, l1_us = (pairs * count / arch.warp_instructions_per_second * 1e6 for count in (per_pair, sectors))
         classes = instruction_classes(sass)
         breakdown = ", ".join(f"{name} {compiled.config['num_warps'] * count / compiled.config['BLOCK_Q']:.0f}"
                               for name, count in sorted(classes.items(), key=lambda item: -item[1]))
         forward_rows.append(f"| {compiled.kernel} | {compiled.dtype} | {compiled.resolution} | {pairs} "
-                            f"| {per_pair:.1f} | {microseconds:.1f} | {breakdown} |")
+                            f"| {per_pair:.1f} | {sectors} | {issue_us:.1f} | {l1_us:.1f} "
+                            f"| {'issue' if issue_us >= l1_us else 'L1'} | {breakdown} |")
         if compiled.resolution == 1024:
             per_pair_1024[compiled.kernel, compiled.dtype] = per_pair
+            sectors_1024[compiled.kernel, compiled.dtype] = sectors
 
     # The headline: the plain forward in fp16 at 1024 px, then every forward kernel and dtype.
     summary = []
     if ("_msda_forward_kernel", "fp16") in per_pair_1024:
-        summary += [f"msda forward fp16 1024px {arch.name}: {per_pair_1024['_msda_forward_kernel', 'fp16']:.0f} "
+        summary += [f"msda forward fp16 1024px {arch.name}: {per_pair_1024['_msda_forward_kernel', 'fp16']:.1f} "
                     "warp-instructions per (query, head)", ""]
     summary += ["| warp-instructions per (query, head) at 1024 px | " + " | ".join(args.dtypes) + " |",
                 "|---|" + "---|" * len(args.dtypes)]
-    for kernel in ("_msda_forward_kernel", "_msda_fused_forward_kernel"):
-        summary.append(f"| {kernel} | " + " | ".join(f"{per_pair_1024[kernel, dtype]:.0f}" for dtype in args.dtypes)
+    for kernel in FORWARD_KERNELS:
+        summary.append(f"| {kernel} | " + " | ".join(f"{per_pair_1024[kernel, dtype]:.1f}" for dtype in args.dtypes)
                        + " |")
     summary.append("\nThe pixel decoder runs the fused kernel (softmax and location arithmetic inside).")
     summary.append(
-        "\nWhat stands between the fp16 forward and 120 warp-instructions per (query, head), and why fp16 issues more "
-        "than fp32: each lane owns one query, so the per-(query, point) coordinate, mask and address work is done once; "
-        "what remains is, per bilinear corner and channel, one conversion of the stored value to fp32 and one fp32 FMA "
-        "(sm_90 has no mixed-precision FMA). Those two make 96 of the fp16 count; fp32 storage needs no conversion. "
-        "Accumulating in fp16 would drop the conversions but break the one-final-rounding accuracy the tests hold "
-        "(the tolerances are not widened). fp16 still halves the bytes read, which is what counts at 1024 px."
+        "\nWhere the count comes from: each lane owns one query, so the per-(query, point) coordinate and address "
+        "work is done once; the two neighbours along an axis are found by clamping the lower one into the level "
+        "and weighting both with tent functions (zero for a neighbour outside), so no corner needs a bounds test, "
+        "a select or its own address (the right neighbour is an immediate offset). What remains is, per bilinear "
+        "corner and channel, one conversion of the stored value to fp32 and one fp32 FMA (sm_90 has no "
+        "mixed-precision FMA): 96 of the fp16 count, which fp32 storage does without conversions. Accumulating in "
+        "fp16 would drop them but break the one-final-rounding accuracy the tests hold (the tolerances are not "
+        "widened)."
     )
+    if {"fp16", "fp32"} <= set(args.dtypes):
+        bounds = {dtype: max(per_pair_1024["_msda_forward_kernel", dtype], sectors_1024["_msda_forward_kernel", dtype])
+                  for dtype in ("fp16", "fp32")}
+        summary.append(
+            "\nfp16 against fp32: a GPU's L1 returns at most 128 bytes (four 32-byte sectors) per cycle per SM, as "
+            "many sectors as its four schedulers issue warp-instructions, so the sectors the gathers touch per "
+            "(query, head) compare directly with the warp-instructions: a kernel runs no faster than the larger "
+            f"of the two. At 1024 px the fp16 forward's bound is {bounds['fp16']:.0f} "
+            f"({sectors_1024['_msda_forward_kernel', 'fp16']} sectors), the fp32 one's {bounds['fp32']:.0f} "
+            f"({sectors_1024['_msda_forward_kernel', 'fp32']} sectors): fp16 is estimated "
+            f"{bounds['fp32'] / bounds['fp16']:.2f}x faster. An estimate from the machine code and the bytes "
+            "read, not a measurement (no GPU was used); the table below gives both bounds for every kernel.")
 
     report = "\n".join([
         f"# deris Triton kernels compiled for {arch.name}: static report",
@@ -168,16 +214,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
         *kernel_rows,
         "",
-        "## MSDA forward: warp-instructions per (query, head) and the issue-bound time per call",
+        "## MSDA forward: warp-instructions and L1 sectors per (query, head), and the bounds per call",
         "",
         "Counted from the SASS: one warp runs the whole (straight-line, loops x trip count) code; a program "
-        "has num_warps warps and covers BLOCK_Q queries of one head. Breakdown by instruction class, "
-        "per (query, head).",
+        "has num_warps warps and covers BLOCK_Q queries of one head. L1 sectors: the 32-byte sectors the "
+        "value gathers touch (levels x points x 4 corners x the head's channels). Bounds per MSDA call (one "
+        "encoder layer; DeRIS runs 6) at batch 1; the larger one limits. Breakdown by instruction class, per "
+        "(query, head). Fixed launch configurations (autotuning off).",
         "",
-        "| kernel | dtype | input px | (query, head) pairs | warp-instructions per pair | issue-bound us "
-        "| breakdown |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | dtype | input px | (query, head) pairs | warp-instructions per pair | L1 sectors per pair "
+        "| issue-bound us | L1-bound us | bound | breakdown |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *forward_rows,
+        "",
+        "## MSDA forward: the autotuning space",
+        "",
+        "Autotuning (on a GPU unless DERIS_AUTOTUNE=0) also tries these program sizes, once per dtype, head size "
+        "and power-of-two bucket of the query count; each is compiled and checked for spills by "
+        "tests/test_kernels_compile.py. Same per-lane code, so nearly the same count per pair (1024 px).",
+        "",
+        "| kernel | dtype | launch config | registers | spills | warp-instructions per pair |",
+        "|---|---|---|---|---|---|",
+        *tuning_rows,
         "",
     ])
     print(report)
