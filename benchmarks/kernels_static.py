@@ -190,6 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{bounds['fp32'] / bounds['fp16']:.2f}x faster. An estimate from the machine code and the bytes "
             "read, not a measurement (no GPU was used); the table below gives both bounds for every kernel.")
 
+    # Mask pooling: a matrix product over the grid cells, far below the ridge point.
+    cells = (aot.MASK_SIZE // 4) ** 2
+    flops = 2 * aot.MASKS * aot.MASK_CHANNELS * cells
+    mega_bytes = (aot.MASK_CHANNELS + aot.MASKS) * aot.MASK_SIZE ** 2 * 2 / 1e6
+    compute_us = flops / (arch.multiprocessors * arch.fp32_lanes_per_sm * 2 * arch.boost_ghz * 1e9) * 1e6
+    summary.append(
+        f"\nMask pooling at DeRIS's shapes ({aot.MASKS} masks, {aot.MASK_CHANNELS} channels, {aot.MASK_SIZE}x"
+        f"{aot.MASK_SIZE} pixels, {cells} grid cells) is a {flops / 1e6:.1f} MFLOP matrix product over "
+        f"{mega_bytes:.1f} MB of half-precision inputs: on the {arch.example} the fp32 FMA units need "
+        f"{compute_us:.2f} us, DRAM {mega_bytes / arch.memory_tb_s:.2f} us, so the kernel is bound by memory "
+        "and tensor cores would not make it faster; fp32-exact tensor-core products (tl.dot's tf32x3) also "
+        "took 255 registers and spilled at these tiles. What counts is how it reads: each cell's 4x4 feature "
+        "pixels as 4 vector loads of 4 contiguous pixels (the LDG widths below), and at batch 1 the grid "
+        "cells split over enough programs to fill the GPU (partial sums added by the launcher).")
+
     report = "\n".join([
         f"# deris Triton kernels compiled for {arch.name}: static report",
         "",

@@ -48,6 +48,8 @@ class GpuArch:
     example: str
     multiprocessors: int
     boost_ghz: float
+    fp32_lanes_per_sm: int  # fp32 FMAs per cycle per SM
+    memory_tb_s: float  # DRAM bandwidth of the example GPU
 
     @property
     def warp_instructions_per_second(self) -> float:
@@ -56,8 +58,8 @@ class GpuArch:
 
 
 ARCHS = {
-    "sm_80": GpuArch("sm_80", 80, "A100 SXM", 108, 1.41),
-    "sm_90": GpuArch("sm_90", 90, "H100 / H200 SXM", 132, 1.98),
+    "sm_80": GpuArch("sm_80", 80, "A100 SXM", 108, 1.41, 64, 2.04),
+    "sm_90": GpuArch("sm_90", 90, "H100 / H200 SXM", 132, 1.98, 128, 3.35),
 }
 
 # DeRIS's shapes: the pixel decoder's encoder attends over 3 levels (input / 32, / 16, / 8) with 8
