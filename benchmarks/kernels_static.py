@@ -78,6 +78,7 @@ def instruction_classes(sass: Sequence[Instruction]) -> dict[str, int]:
 
 
 FORWARD_KERNELS = ("_msda_forward_kernel", "_msda_fused_forward_kernel")
+BACKWARD_KERNELS = ("_msda_backward_kernel", "_msda_fused_backward_kernel")
 
 
 def launch_config(compiled: aot.CompiledLaunch) -> str:
@@ -133,11 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {compiled.kernel} | {compiled.dtype} | {launch_config(compiled)} "
                 f"| {compiled.registers} | {compiled.spill_instructions} / {compiled.stack} B | {compiled.shared} "
                 f"| {compiled.sass_instructions} | {load_widths(compiled)} | {compiled.loops} |")
-        if compiled.kernel not in FORWARD_KERNELS:
+        if compiled.kernel not in FORWARD_KERNELS + BACKWARD_KERNELS:
             continue
-        # The forward kernels unroll their level and point loops: straight-line code, no trip counts
+        # The MSDA kernels unroll their level and point loops: straight-line code, no trip counts
         # (issued_per_warp refuses code with loops it is given no counts for).
         per_pair = compiled.config["num_warps"] * aot.issued_per_warp(sass, []) / compiled.config["BLOCK_Q"]
+        if compiled.kernel in BACKWARD_KERNELS:
+            if compiled.resolution == 1024:
+                per_pair_1024[compiled.kernel, compiled.dtype] = per_pair
+            continue
         if not fixed:
             if compiled.resolution == 1024:
                 tuning_rows.append(f"| {compiled.kernel} | {compiled.dtype} | {launch_config(compiled)} "
@@ -163,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "warp-instructions per (query, head)", ""]
     summary += ["| warp-instructions per (query, head) at 1024 px | " + " | ".join(args.dtypes) + " |",
                 "|---|" + "---|" * len(args.dtypes)]
-    for kernel in FORWARD_KERNELS:
+    for kernel in FORWARD_KERNELS + BACKWARD_KERNELS:
         summary.append(f"| {kernel} | " + " | ".join(f"{per_pair_1024[kernel, dtype]:.1f}" for dtype in args.dtypes)
                        + " |")
-    summary.append("\nThe pixel decoder runs the fused kernel (softmax and location arithmetic inside).")
+    summary.append("\nThe pixel decoder runs the fused kernels (softmax and location arithmetic inside). The "
+                   "backward kernels run the forward's sampling code backwards in the same one-lane-per-query "
+                   "layout, adding the value gradient with 16-byte float32 vector atomics (fixed configuration, "
+                   "chunks of 4 channels).")
     summary.append(
         "\nWhere the count comes from: each lane owns one query, so the per-(query, point) coordinate and address "
         "work is done once; the two neighbours along an axis are found by clamping the lower one into the level "

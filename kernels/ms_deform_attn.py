@@ -165,16 +165,6 @@ def ms_deform_attn_fused_reference(
 
 
 @jit
-def _split_coordinate(pixel, size):
-    """Integer part (of the lower neighbour) and fraction of an fp32 pixel coordinate."""
-    # Beyond one pixel outside the level both neighbours are padding; clamping there changes no
-    # result and keeps the int32 conversion in range for far-away locations.
-    pixel = tl.minimum(tl.maximum(pixel, -2.0), size.to(tl.float32) + 1.0)
-    lower = tl.floor(pixel)
-    return lower.to(tl.int32), pixel - lower
-
-
-@jit
 def _axis_neighbours(pixel, last_first, reach):
     """Along one axis, the lower of the two neighbours a forward sample reads, and both
     interpolation weights, for an fp32 pixel coordinate.
@@ -192,8 +182,16 @@ def _axis_neighbours(pixel, last_first, reach):
     distance = pixel - lower
     # The second weight is not 1 - |distance - 1|, which rounds a tiny distance away; reach -
     # distance is exact where it is the minimum (distance in [1, 2), the right border).
-    return (lower.to(tl.int32), tl.maximum(1.0 - tl.abs(distance), 0.0),
+    return (lower.to(tl.int32), distance, tl.maximum(1.0 - tl.abs(distance), 0.0),
             tl.maximum(tl.minimum(distance, reach - distance), 0.0))
+
+
+@jit
+def _tent_slopes(distance, first_weight, second_weight):
+    """d(weight)/d(pixel) of both weights of _axis_neighbours: +-1 where a weight is positive
+    (rising towards its neighbour), 0 where it is zero (the location gradient of zero padding)."""
+    return (tl.where(first_weight > 0.0, tl.where(distance < 0.0, 1.0, -1.0), 0.0),
+            tl.where(second_weight > 0.0, tl.where(distance < 1.0, 1.0, -1.0), 0.0))
 
 
 @jit
@@ -235,8 +233,8 @@ def _accumulate_sample(acc, level_ptr, x, y, level, weight, row_stride, channels
     2 x 2) the right neighbour is the next key, a constant offset the loads take as an immediate.
     """
     width, last_x, last_y, reach_x, reach_y, x_step, y_step = level
-    x0, wx0, wx1 = _axis_neighbours(x, last_x, reach_x)
-    y0, wy0, wy1 = _axis_neighbours(y, last_y, reach_y)
+    x0, _, wx0, wx1 = _axis_neighbours(x, last_x, reach_x)
+    y0, _, wy0, wy1 = _axis_neighbours(y, last_y, reach_y)
     top_weight = weight * wy0
     bottom_weight = weight * wy1
     # Keys within a level number < 2^31 / row_stride (checked by the launcher): int32 offsets suffice.
@@ -252,19 +250,20 @@ def _accumulate_sample(acc, level_ptr, x, y, level, weight, row_stride, channels
 
 
 @jit
-def _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _program_setup(num_keys, num_queries, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """What both forward kernels start from: the (batch, head) of the program, its queries' rows in
-    [B, Q, H] (past-the-end queries clamped to the last one, so that their loads stay in bounds;
-    only the store is masked), the head's first value element and the channel offsets."""
+    """What every kernel of one lane per query starts from: the (batch, head) of the program, its
+    queries' rows in [B, Q, H] (past-the-end queries clamped to the last one, so that their loads
+    stay in bounds; only stores and atomics are masked), the offset of the head's first value
+    element and the channel offsets."""
     batch = tl.program_id(1) // NUM_HEADS
     head = tl.program_id(1) % NUM_HEADS
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < num_queries
     queries = batch.to(tl.int64) * num_queries + tl.minimum(q, num_queries - 1)
-    head_ptr = value_ptr + batch.to(tl.int64) * num_keys * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
+    head_offset = batch.to(tl.int64) * num_keys * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
     channels = tl.arange(0, NUM_CHUNKS)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
-    return queries, queries * NUM_HEADS + head, q_mask, head_ptr, channels
+    return queries, queries * NUM_HEADS + head, q_mask, head_offset, channels
 
 
 @jit
@@ -275,75 +274,77 @@ def _load_pairs(pairs_ptr, index):
 
 
 @jit
+def _corner_backward(level_ptr, grad_level_ptr, offsets, grad_out, corner_weight, q_mask, channels,
+                     HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, VALUE_GRAD: tl.constexpr):
+    """sum over channels of grad_out * value at one corner per query (``offsets`` from the level's
+    first element); with VALUE_GRAD, adds corner_weight * grad_out to that corner's value gradient
+    (atomics: other queries and heads hit the same keys). A past-the-end query (clamped to the
+    last one) adds zeros: unmasked vector atomics need no branch around each."""
+    dot = tl.sum(tl.sum(grad_out * _gather(level_ptr + offsets, channels, HEAD_DIM, PADDED), axis=2), axis=0)
+    if VALUE_GRAD:
+        pointers = grad_level_ptr + offsets[None, :, None] + channels
+        scaled = grad_out * tl.where(q_mask, corner_weight, 0.0)[None, :, None]
+        if PADDED:
+            tl.atomic_add(pointers, scaled, mask=channels < HEAD_DIM, sem="relaxed")
+        else:
+            tl.atomic_add(pointers, scaled, sem="relaxed")
+    return dot
+
+
+@jit
+def _sample_backward(level_ptr, grad_level_ptr, x, y, level, weight, grad_out, q_mask, row_stride, channels,
+                     HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, VALUE_GRAD: tl.constexpr):
+    """Backward of ``weight * bilinear sample at (x, y)`` (the forward's _accumulate_sample) for one
+    point per query: scatters d(loss)/d(value) with VALUE_GRAD; returns d(loss)/d(weight) and
+    d(loss)/d(x, y) in pixels."""
+    width, last_x, last_y, reach_x, reach_y, x_step, y_step = level
+    x0, distance_x, wx0, wx1 = _axis_neighbours(x, last_x, reach_x)
+    y0, distance_y, wy0, wy1 = _axis_neighbours(y, last_y, reach_y)
+    top_left = (y0 * width + x0).to(tl.int64) * row_stride
+    top_weight = weight * wy0
+    bottom_weight = weight * wy1
+    dot00 = _corner_backward(level_ptr, grad_level_ptr, top_left, grad_out, top_weight * wx0, q_mask, channels,
+                             HEAD_DIM, PADDED, VALUE_GRAD)
+    dot01 = _corner_backward(level_ptr, grad_level_ptr, top_left + x_step, grad_out, top_weight * wx1, q_mask,
+                             channels, HEAD_DIM, PADDED, VALUE_GRAD)
+    dot10 = _corner_backward(level_ptr, grad_level_ptr, top_left + y_step, grad_out, bottom_weight * wx0, q_mask,
+                             channels, HEAD_DIM, PADDED, VALUE_GRAD)
+    dot11 = _corner_backward(level_ptr, grad_level_ptr, top_left + y_step + x_step, grad_out, bottom_weight * wx1,
+                             q_mask, channels, HEAD_DIM, PADDED, VALUE_GRAD)
+    slope_x0, slope_x1 = _tent_slopes(distance_x, wx0, wx1)
+    slope_y0, slope_y1 = _tent_slopes(distance_y, wy0, wy1)
+    top = wx0 * dot00 + wx1 * dot01
+    bottom = wx0 * dot10 + wx1 * dot11
+    grad_x = weight * (wy0 * (slope_x0 * dot00 + slope_x1 * dot01) + wy1 * (slope_x0 * dot10 + slope_x1 * dot11))
+    return wy0 * top + wy1 * bottom, grad_x, weight * (slope_y0 * top + slope_y1 * bottom)
+
+
+@jit
+def _store_pairs(pairs_ptr, index, x, y, mask):
+    """Store (x, y) into the pairs ``index`` of a [..., 2] tensor, one store per query."""
+    tl.store(pairs_ptr + 2 * index[:, None] + tl.arange(0, 2)[None, :],
+             tl.join(x, y).to(pairs_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@jit
+def _softmax_scale(logits_ptr, entries, NUM_LP: tl.constexpr):
+    """The max and the inverse sum of exponentials of each query's NUM_LP logits from ``entries``:
+    prob_k = exp(logit_k - max) * inverse. Two passes over the logits, each lane over its own
+    query's; the sampling loop then recomputes each exponential (the logits come from L1 the
+    second time), cheaper than keeping an (L * P)-wide tile."""
+    top = tl.load(logits_ptr + entries).to(tl.float32)
+    for lp in tl.static_range(1, NUM_LP):
+        top = tl.maximum(top, tl.load(logits_ptr + entries + lp).to(tl.float32))
+    total = tl.zeros(top.shape, dtype=tl.float32)
+    for lp in tl.static_range(NUM_LP):
+        total += tl.exp(tl.load(logits_ptr + entries + lp).to(tl.float32) - top)
+    return top, 1.0 / total
+
+
+@jit
 def _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM: tl.constexpr):
     tl.store(out_ptr + (query_rows * HEAD_DIM)[None, :, None] + channels, acc.to(out_ptr.dtype.element_ty),
              mask=q_mask[None, :, None] & (channels < HEAD_DIM))
-
-
-@jit
-def _corner(xi, yi, width, height, row_stride, q_mask, d, d_mask):
-    """Offsets (from the level's first key of this head) and load mask of one neighbour.
-
-    A neighbour outside the level is masked out, which is grid_sample's zero padding.
-    """
-    inside = q_mask & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-    rows = (yi * width + xi).to(tl.int64) * row_stride
-    return rows[:, None] + d[None, :], inside[:, None] & d_mask[None, :]
-
-
-@jit
-def _bilinear_backward(level_ptr, level_grad_ptr, x, y, width, height, row_stride, weight, grad_out,
-                       q_mask, d, d_mask, VALUE_GRAD: tl.constexpr):
-    """Backward of ``weight * bilinear_sample(x, y)`` for one point of a block of queries.
-
-    With VALUE_GRAD, scatters d(loss)/d(value) into the level's fp32 gradient with atomics (other
-    queries and heads hit the same rows). Returns d(loss)/d(weight) and d(loss)/d(x, y) in pixels.
-    """
-    x0, fx = _split_coordinate(x, width)
-    y0, fy = _split_coordinate(y, height)
-    wx1 = fx[:, None]
-    wy1 = fy[:, None]
-    wx0 = 1.0 - wx1
-    wy0 = 1.0 - wy1
-    grad_sample = grad_out * weight[:, None]
-    offsets00, mask00 = _corner(x0, y0, width, height, row_stride, q_mask, d, d_mask)
-    offsets01, mask01 = _corner(x0 + 1, y0, width, height, row_stride, q_mask, d, d_mask)
-    offsets10, mask10 = _corner(x0, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
-    offsets11, mask11 = _corner(x0 + 1, y0 + 1, width, height, row_stride, q_mask, d, d_mask)
-    v00 = tl.load(level_ptr + offsets00, mask=mask00, other=0.0).to(tl.float32)
-    v01 = tl.load(level_ptr + offsets01, mask=mask01, other=0.0).to(tl.float32)
-    v10 = tl.load(level_ptr + offsets10, mask=mask10, other=0.0).to(tl.float32)
-    v11 = tl.load(level_ptr + offsets11, mask=mask11, other=0.0).to(tl.float32)
-    if VALUE_GRAD:
-        tl.atomic_add(level_grad_ptr + offsets00, grad_sample * (wx0 * wy0), mask=mask00, sem="relaxed")
-        tl.atomic_add(level_grad_ptr + offsets01, grad_sample * (wx1 * wy0), mask=mask01, sem="relaxed")
-        tl.atomic_add(level_grad_ptr + offsets10, grad_sample * (wx0 * wy1), mask=mask10, sem="relaxed")
-        tl.atomic_add(level_grad_ptr + offsets11, grad_sample * (wx1 * wy1), mask=mask11, sem="relaxed")
-    sample = (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
-    sample_dx = (v01 - v00) * wy0 + (v11 - v10) * wy1
-    sample_dy = (v10 - v00) * wx0 + (v11 - v01) * wx1
-    grad_weight = tl.sum(grad_out * sample, axis=1)
-    grad_x = tl.sum(grad_sample * sample_dx, axis=1)
-    grad_y = tl.sum(grad_sample * sample_dy, axis=1)
-    return grad_weight, grad_x, grad_y
-
-
-@jit
-def _softmax_rows(logits_ptr, rows, q_mask, NUM_LP: tl.constexpr, BLOCK_LP: tl.constexpr):
-    """fp32 softmax of the (BLOCK_Q, L*P) logits starting at ``rows``, and the column indices."""
-    lp = tl.arange(0, BLOCK_LP)
-    lp_mask = lp < NUM_LP
-    logits = tl.load(logits_ptr + rows[:, None] + lp[None, :], mask=q_mask[:, None] & lp_mask[None, :],
-                     other=0.0).to(tl.float32)
-    logits = tl.where(lp_mask[None, :], logits, float("-inf"))
-    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    return exp / tl.sum(exp, axis=1)[:, None], lp
-
-
-@jit
-def _column(tile, columns, index):
-    """tile[:, index] of a register tile (an exact select-and-sum: Triton cannot index registers)."""
-    return tl.sum(tl.where(columns[None, :] == index, tile, 0.0), axis=1)
 
 
 @jit
@@ -353,8 +354,8 @@ def _msda_forward_kernel(
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
     BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NARROW: tl.constexpr,
 ):
-    _, query_rows, q_mask, head_ptr, channels = _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS,
-                                                               HEAD_DIM, BLOCK_Q, CHUNK, NUM_CHUNKS)
+    _, query_rows, q_mask, head_offset, channels = _program_setup(num_keys, num_queries, NUM_HEADS, HEAD_DIM,
+                                                                  BLOCK_Q, CHUNK, NUM_CHUNKS)
     row_stride = NUM_HEADS * HEAD_DIM
     padded = NUM_CHUNKS * CHUNK != HEAD_DIM
     # First (level, point) entry of each query's row in the [B, Q, H, L, P] weights.
@@ -362,7 +363,7 @@ def _msda_forward_kernel(
     acc = tl.zeros((NUM_CHUNKS, BLOCK_Q, CHUNK), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
         first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
-        level_ptr = head_ptr + first_key
+        level_ptr = value_ptr + head_offset + first_key
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
             loc_x, loc_y = _load_pairs(locations_ptr, entry)
@@ -381,39 +382,30 @@ def _msda_backward_kernel(
     grad_value_ptr, grad_locations_ptr, grad_weights_ptr,
     num_keys, num_queries,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_GRAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NARROW: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
 ):
-    batch = tl.program_id(1) // NUM_HEADS
-    head = tl.program_id(1) % NUM_HEADS
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < num_queries
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
+    _, query_rows, q_mask, head_offset, channels = _program_setup(num_keys, num_queries, NUM_HEADS, HEAD_DIM,
+                                                                  BLOCK_Q, CHUNK, NUM_CHUNKS)
     row_stride = NUM_HEADS * HEAD_DIM
-    head_offset = batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
-    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    padded = NUM_CHUNKS * CHUNK != HEAD_DIM
     entries = query_rows * (NUM_LEVELS * NUM_POINTS)
-    grad_out = tl.load(grad_out_ptr + query_rows[:, None] * HEAD_DIM + d[None, :],
-                       mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-
+    grad_out = _gather(grad_out_ptr + query_rows * HEAD_DIM, channels, HEAD_DIM, padded)
     for level in tl.static_range(NUM_LEVELS):
-        height = tl.load(levels_ptr + 3 * level)
-        width = tl.load(levels_ptr + 3 * level + 1)
-        level_offset = head_offset + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
+        first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
+        level_offset = head_offset + first_key
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
-            loc_x = tl.load(locations_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
-            loc_y = tl.load(locations_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
-            weight = tl.load(weights_ptr + entry, mask=q_mask, other=0.0).to(tl.float32)
+            loc_x, loc_y = _load_pairs(locations_ptr, entry)
+            weight = tl.load(weights_ptr + entry).to(tl.float32)
             x = loc_x * width.to(tl.float32) - 0.5
             y = loc_y * height.to(tl.float32) - 0.5
-            grad_weight, grad_x, grad_y = _bilinear_backward(
-                value_ptr + level_offset, grad_value_ptr + level_offset, x, y, width, height, row_stride,
-                weight, grad_out, q_mask, d, d_mask, VALUE_GRAD)
+            grad_weight, grad_x, grad_y = _sample_backward(
+                value_ptr + level_offset, grad_value_ptr + level_offset, x, y, scalars, weight, grad_out, q_mask,
+                row_stride, channels, HEAD_DIM, padded, VALUE_GRAD)
             # x = loc_x * width - 0.5, so d(loss)/d(loc_x) = width * d(loss)/d(x).
-            grad_dtype = grad_locations_ptr.dtype.element_ty
-            tl.store(grad_locations_ptr + 2 * entry, (grad_x * width.to(tl.float32)).to(grad_dtype), mask=q_mask)
-            tl.store(grad_locations_ptr + 2 * entry + 1, (grad_y * height.to(tl.float32)).to(grad_dtype), mask=q_mask)
+            _store_pairs(grad_locations_ptr, entry, grad_x * width.to(tl.float32), grad_y * height.to(tl.float32),
+                         q_mask)
             tl.store(grad_weights_ptr + entry, grad_weight.to(grad_weights_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -424,26 +416,17 @@ def _msda_fused_forward_kernel(
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
     BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NARROW: tl.constexpr,
 ):
-    queries, query_rows, q_mask, head_ptr, channels = _forward_setup(value_ptr, num_keys, num_queries, NUM_HEADS,
-                                                                     HEAD_DIM, BLOCK_Q, CHUNK, NUM_CHUNKS)
+    queries, query_rows, q_mask, head_offset, channels = _program_setup(num_keys, num_queries, NUM_HEADS, HEAD_DIM,
+                                                                        BLOCK_Q, CHUNK, NUM_CHUNKS)
     row_stride = NUM_HEADS * HEAD_DIM
     padded = NUM_CHUNKS * CHUNK != HEAD_DIM
     entries = query_rows * (NUM_LEVELS * NUM_POINTS)
-    # Softmax over (L, P) in two passes over the logits, each lane over its own query's: the max,
-    # then the sum of exponentials; the sampling loop below recomputes each exponential (the
-    # logits come from L1 the second time). Cheaper than keeping an (L * P)-wide tile.
-    top = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    for lp in tl.static_range(NUM_LEVELS * NUM_POINTS):
-        top = tl.maximum(top, tl.load(logits_ptr + entries + lp).to(tl.float32))
-    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    for lp in tl.static_range(NUM_LEVELS * NUM_POINTS):
-        total += tl.exp(tl.load(logits_ptr + entries + lp).to(tl.float32) - top)
-    inverse_total = 1.0 / total
+    top, inverse_total = _softmax_scale(logits_ptr, entries, NUM_LEVELS * NUM_POINTS)
 
     acc = tl.zeros((NUM_CHUNKS, BLOCK_Q, CHUNK), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
         first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
-        level_ptr = head_ptr + first_key
+        level_ptr = value_ptr + head_offset + first_key
         # reference_points is [B, Q, L, 2]: shared by the heads. loc = ref + offset / size, so the
         # pixel coordinate loc * size - 0.5 is ref * size + offset - 0.5 (no division).
         ref_x, ref_y = _load_pairs(reference_ptr, queries * NUM_LEVELS + level)
@@ -466,49 +449,43 @@ def _msda_fused_backward_kernel(
     grad_value_ptr, grad_offsets_ptr, grad_logits_ptr,
     num_keys, num_queries,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LP: tl.constexpr, VALUE_GRAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NARROW: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
 ):
-    batch = tl.program_id(1) // NUM_HEADS
-    head = tl.program_id(1) % NUM_HEADS
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < num_queries
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
+    # grad_offsets and grad_logits are float32 buffers: the launcher rounds them once.
+    queries, query_rows, q_mask, head_offset, channels = _program_setup(num_keys, num_queries, NUM_HEADS, HEAD_DIM,
+                                                                        BLOCK_Q, CHUNK, NUM_CHUNKS)
     row_stride = NUM_HEADS * HEAD_DIM
-    head_offset = batch.to(tl.int64) * num_keys * row_stride + head * HEAD_DIM
-    query_rows = (batch * num_queries + q).to(tl.int64) * NUM_HEADS + head
+    padded = NUM_CHUNKS * CHUNK != HEAD_DIM
     entries = query_rows * (NUM_LEVELS * NUM_POINTS)
-    reference_rows = (batch * num_queries + q).to(tl.int64) * NUM_LEVELS
-    probs, lp = _softmax_rows(logits_ptr, entries, q_mask, NUM_LEVELS * NUM_POINTS, BLOCK_LP)
-    grad_out = tl.load(grad_out_ptr + query_rows[:, None] * HEAD_DIM + d[None, :],
-                       mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    top, inverse_total = _softmax_scale(logits_ptr, entries, NUM_LEVELS * NUM_POINTS)
+    grad_out = _gather(grad_out_ptr + query_rows * HEAD_DIM, channels, HEAD_DIM, padded)
 
-    grad_probs = tl.zeros((BLOCK_Q, BLOCK_LP), dtype=tl.float32)
+    # d(loss)/d(prob) of each (level, point) goes to grad_logits as it comes; the softmax Jacobian
+    # d(logit_k) = p_k * (d(p_k) - sum_j p_j * d(p_j)) then rewrites them in place (each lane
+    # rereads what it wrote).
+    weighted = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for level in tl.static_range(NUM_LEVELS):
-        height = tl.load(levels_ptr + 3 * level)
-        width = tl.load(levels_ptr + 3 * level + 1)
-        level_offset = head_offset + tl.load(levels_ptr + 3 * level + 2).to(tl.int64) * row_stride
-        ref_x = tl.load(reference_ptr + 2 * (reference_rows + level), mask=q_mask, other=0.0).to(tl.float32)
-        ref_y = tl.load(reference_ptr + 2 * (reference_rows + level) + 1, mask=q_mask, other=0.0).to(tl.float32)
+        first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
+        level_offset = head_offset + first_key
+        ref_x, ref_y = _load_pairs(reference_ptr, queries * NUM_LEVELS + level)
+        ref_x = ref_x * width.to(tl.float32) - 0.5
+        ref_y = ref_y * height.to(tl.float32) - 0.5
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
-            offset_x = tl.load(offsets_ptr + 2 * entry, mask=q_mask, other=0.0).to(tl.float32)
-            offset_y = tl.load(offsets_ptr + 2 * entry + 1, mask=q_mask, other=0.0).to(tl.float32)
-            weight = _column(probs, lp, level * NUM_POINTS + point)
-            x = ref_x * width.to(tl.float32) + offset_x - 0.5
-            y = ref_y * height.to(tl.float32) + offset_y - 0.5
-            grad_weight, grad_x, grad_y = _bilinear_backward(
-                value_ptr + level_offset, grad_value_ptr + level_offset, x, y, width, height, row_stride,
-                weight, grad_out, q_mask, d, d_mask, VALUE_GRAD)
-            grad_probs = tl.where(lp[None, :] == level * NUM_POINTS + point, grad_weight[:, None], grad_probs)
+            offset_x, offset_y = _load_pairs(offsets_ptr, entry)
+            prob = tl.exp(tl.load(logits_ptr + entry).to(tl.float32) - top) * inverse_total
+            grad_prob, grad_x, grad_y = _sample_backward(
+                value_ptr + level_offset, grad_value_ptr + level_offset, ref_x + offset_x, ref_y + offset_y, scalars,
+                prob, grad_out, q_mask, row_stride, channels, HEAD_DIM, padded, VALUE_GRAD)
             # The pixel coordinate is ref * size + offset - 0.5: offsets get the pixel gradient as is.
-            tl.store(grad_offsets_ptr + 2 * entry, grad_x, mask=q_mask)
-            tl.store(grad_offsets_ptr + 2 * entry + 1, grad_y, mask=q_mask)
-
-    # Softmax Jacobian: d(logit_k) = p_k * (d(p_k) - sum_j p_j * d(p_j)).
-    grad_logits = probs * (grad_probs - tl.sum(probs * grad_probs, axis=1)[:, None])
-    tl.store(grad_logits_ptr + entries[:, None] + lp[None, :], grad_logits.to(grad_logits_ptr.dtype.element_ty),
-             mask=q_mask[:, None] & (lp < NUM_LEVELS * NUM_POINTS)[None, :])
+            _store_pairs(grad_offsets_ptr, entry, grad_x, grad_y, q_mask)
+            tl.store(grad_logits_ptr + entry, grad_prob, mask=q_mask)
+            weighted += prob * grad_prob
+    for lp in tl.static_range(NUM_LEVELS * NUM_POINTS):
+        prob = tl.exp(tl.load(logits_ptr + entries + lp).to(tl.float32) - top) * inverse_total
+        grad_prob = tl.load(grad_logits_ptr + entries + lp, mask=q_mask, other=0.0)
+        tl.store(grad_logits_ptr + entries + lp, prob * (grad_prob - weighted), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,41 +544,39 @@ _msda_forward_tuned = _forward_tuner(_msda_forward_kernel)
 _msda_fused_forward_tuned = _forward_tuner(_msda_fused_forward_kernel)
 
 
-def msda_backward_config(num_queries: int, head_dim: int, interpreting: bool = INTERPRETING) -> dict[str, int]:
-    """BLOCK_Q, BLOCK_D and num_warps of the backward launches (plain and fused); see msda_forward_config."""
-    block_d = triton.next_power_of_2(head_dim)
-    if interpreting:
-        return dict(BLOCK_Q=min(triton.next_power_of_2(num_queries), 256), BLOCK_D=block_d, num_warps=4)
-    # The compiler hoists the unrolled gathers, so registers grow with the tile: ptxas (sm_90,
-    # fp32, 4 warps) gives 141 registers for 512-element tiles and 242 for 1024, and spills at
-    # 2048. Not yet tuned on hardware.
-    block_q = max(1, min(512 // block_d, triton.next_power_of_2(num_queries)))
-    return dict(BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
-
-
-def _backward_launch(value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int, num_points: int
-                     ) -> tuple[tuple[int, int], dict]:
-    """Grid and meta-parameters of a backward launch."""
+def _lane_launch(value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int, num_points: int,
+                 element_size: int) -> tuple[list[dict[str, int]], Callable[[dict[str, int]], tuple[int, int]],
+                                             dict[str, Any]]:
+    """What a launch of a one-lane-per-query kernel (the forwards, the plain backward) needs: the
+    configurations (msda_forward_configs for chunks of ``element_size`` bytes, as BLOCK_Q and
+    num_warps), the grid of one and the meta-parameters every configuration shares."""
     batch, _, heads, head_dim = value.shape
-    config = msda_backward_config(num_queries, head_dim)
-    grid = (triton.cdiv(num_queries, config["BLOCK_Q"]), batch * heads)
-    return grid, dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=len(shapes), NUM_POINTS=num_points, **config)
+    configs = msda_forward_configs(num_queries, head_dim, element_size)
+    meta = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=len(shapes), NUM_POINTS=num_points,
+                CHUNK=configs[0]["CHUNK"], NUM_CHUNKS=configs[0]["NUM_CHUNKS"],
+                # A level one pixel high or wide (tiny inputs) has no second neighbour along that axis.
+                NARROW=min(min(shape) for shape in shapes) < 2)
+    return ([{"BLOCK_Q": c["BLOCK_Q"], "num_warps": c["num_warps"]} for c in configs],
+            lambda config: (triton.cdiv(num_queries, config["BLOCK_Q"]), batch * heads), meta)
+
+
+def _launch_backward(kernel: Any, value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int,
+                     num_points: int, *args: Any, value_grad: bool) -> None:
+    """Launch a backward kernel, plain or fused (``args``: its tensors, the level table first), at
+    the fixed configuration (autotuning would run the value gradient's atomics once per candidate)
+    in chunks of 4 channels: the float32 gradient's 16-byte vector atomics."""
+    configs, grid, meta = _lane_launch(value, shapes, num_queries, num_points, element_size=4)
+    launch(kernel, grid(configs[0]), value, *args, value.shape[1], num_queries, VALUE_GRAD=value_grad, **meta,
+           **configs[0])
 
 
 def _launch_forward(tuner: Any, value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int,
                     num_points: int, *args: Any) -> None:
     """Launch a forward kernel, plain or fused (``args``: its tensors after the level table),
     autotuned unless autotuning is off (see msda_forward_configs)."""
-    batch, num_keys, heads, head_dim = value.shape
-    configs = msda_forward_configs(num_queries, head_dim, value.element_size())
-    fixed = {name: configs[0][name] for name in ("CHUNK", "NUM_CHUNKS")}  # the same in every configuration
-    launch_tuned(tuner, [{"BLOCK_Q": c["BLOCK_Q"], "num_warps": c["num_warps"]} for c in configs],
-                 lambda config: (triton.cdiv(num_queries, config["BLOCK_Q"]), batch * heads),
-                 value, _levels(shapes, value.device), *args, num_keys, num_queries,
-                 triton.next_power_of_2(num_queries), NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=len(shapes),
-                 NUM_POINTS=num_points, **fixed,
-                 # A level one pixel high or wide (tiny inputs) has no second neighbour along that axis.
-                 NARROW=min(min(shape) for shape in shapes) < 2)
+    configs, grid, meta = _lane_launch(value, shapes, num_queries, num_points, value.element_size())
+    launch_tuned(tuner, configs, grid, value, _levels(shapes, value.device), *args, value.shape[1], num_queries,
+                 triton.next_power_of_2(num_queries), **meta)
 
 
 @functools.lru_cache(maxsize=64)
@@ -664,14 +639,12 @@ def _msda_forward(value: torch.Tensor, spatial_shapes: list[int], locations: tor
 def _msda_backward(value: torch.Tensor, spatial_shapes: list[int], locations: torch.Tensor, weights: torch.Tensor,
                    grad_out: torch.Tensor, value_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shapes = _pairs(spatial_shapes)
-    _, num_keys, _, _ = value.shape
     _, num_queries, _, _, num_points, _ = locations.shape
     grad_value = _value_gradient(value, value_grad)
     grad_locations = torch.empty_like(locations)
     grad_weights = torch.empty_like(weights)
-    grid, meta = _backward_launch(value, shapes, num_queries, num_points)
-    launch(_msda_backward_kernel, grid, value, _levels(shapes, value.device), locations, weights, grad_out,
-           grad_value, grad_locations, grad_weights, num_keys, num_queries, VALUE_GRAD=value_grad, **meta)
+    _launch_backward(_msda_backward_kernel, value, shapes, num_queries, num_points, _levels(shapes, value.device),
+                     locations, weights, grad_out, grad_value, grad_locations, grad_weights, value_grad=value_grad)
     return grad_value.to(value.dtype) if value_grad else skipped_gradient(value), grad_locations, grad_weights
 
 
@@ -695,24 +668,22 @@ def _msda_fused_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of value, reference_points, sampling_offsets and attention_logits."""
     shapes = _pairs(spatial_shapes)
-    _, num_keys, _, _ = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_offsets.shape
+    _, num_queries, _, _, num_points, _ = sampling_offsets.shape
     levels = _levels(shapes, value.device)
     grad_value = _value_gradient(value, value_grad)
     # fp32, because the reference points' gradient is summed from it below.
     grad_offsets = torch.empty(sampling_offsets.shape, dtype=torch.float32, device=value.device)
-    grad_logits = torch.empty_like(attention_logits)
-    grid, meta = _backward_launch(value, shapes, num_queries, num_points)
-    launch(_msda_fused_backward_kernel, grid, value, levels, reference_points, sampling_offsets, attention_logits,
-           grad_out, grad_value, grad_offsets, grad_logits, num_keys, num_queries,
-           BLOCK_LP=triton.next_power_of_2(num_levels * num_points), VALUE_GRAD=value_grad, **meta)
+    grad_logits = torch.empty(attention_logits.shape, dtype=torch.float32, device=value.device)
+    _launch_backward(_msda_fused_backward_kernel, value, shapes, num_queries, num_points, levels, reference_points,
+                     sampling_offsets, attention_logits, grad_out, grad_value, grad_offsets, grad_logits,
+                     value_grad=value_grad)
     grad_reference = skipped_gradient(reference_points)
     if reference_grad:
         # loc = ref + offset / (W, H): d(ref) = sum over heads and points of d(offset) * (W, H).
         sizes = levels[:, :2].flip(-1).to(torch.float32)  # [L, (W, H)], without an index tensor
         grad_reference = (grad_offsets * sizes[:, None, :]).sum(dim=(2, 4)).to(reference_points.dtype)
     return (grad_value.to(value.dtype) if value_grad else skipped_gradient(value), grad_reference,
-            grad_offsets.to(sampling_offsets.dtype), grad_logits)
+            grad_offsets.to(sampling_offsets.dtype), grad_logits.to(attention_logits.dtype))
 
 
 msda_forward_op = triton_op("msda_forward", _msda_forward)
