@@ -159,8 +159,10 @@ def ms_deform_attn_fused_reference(
 # registers. Lanes sharing a query would repeat the per-point work, which is most of the
 # instructions when the channels are few (32 per head in DeRIS).
 #
-# Backward: a (BLOCK_Q, BLOCK_D) tile per program, several lanes per query; the value gradient is
-# scattered with atomics.
+# Backward: the same layout and sampling code, run backwards: per corner, one dot product of the
+# query's output gradient with the gathered channels (for the weight and location gradients) and,
+# when value needs a gradient, one 16-byte float32 vector atomic per 4 channels (other queries and
+# heads add to the same keys). Chunks are 4 channels whatever the storage dtype, the atomics' width.
 # ---------------------------------------------------------------------------------------------
 
 
