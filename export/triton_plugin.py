@@ -16,8 +16,8 @@ The deformable layers export as one ``deris::msda_fused`` node each, which Tenso
   Server's tensorrt backend).
 
 TensorRT's AOT launcher passes input pointers, then extra int scalars, then output pointers. The
-kernel takes ``out_ptr`` before its two ints (``num_keys``, ``num_queries``), so both are compiled
-in as constants instead (every dimension but the batch is static in these engines): the entry then
+kernel takes ``out_ptr`` before its ints (``num_keys``, ``num_queries`` and the autotuning key
+``query_bucket``), so they are compiled in as constants instead (every dimension but the batch is static in these engines): the entry then
 takes exactly the six pointers, and no extra scalars are passed. Triton (>= 3.3) appends two hidden
 pointers to every kernel entry (global and profile scratch); TensorRT would not pass them, so they
 are removed from the PTX entry after checking that the kernel never reads them.
@@ -188,8 +188,9 @@ class MsdaShape:
 
 
 def plan_launch(shape: MsdaShape, batch: int, multiprocessors: int = 132) -> Any:
-    """The fused forward launch the PyTorch launcher makes for ``shape`` at ``batch``: its kernel,
-    grid, arguments (meta tensors) and meta-parameters (a ``kernels._triton_support.Launch``).
+    """The fused forward launch the PyTorch launcher makes for ``shape`` at ``batch`` with autotuning
+    off: its kernel, grid, arguments (meta tensors) and meta-parameters (a
+    ``kernels._triton_support.Launch``).
 
     Adapter until ``deris.kernels`` plans single launches publicly: the operator's body runs on
     meta tensors inside ``planning_only``, as ``deris.kernels.aot.plan_launches`` does for its fixed
@@ -204,15 +205,16 @@ def plan_launch(shape: MsdaShape, batch: int, multiprocessors: int = 132) -> Any
     def tensor(*size: int) -> torch.Tensor:
         return torch.empty(size, dtype=torch.float32, device=meta)
 
-    # The level sizes only fill the level table (data the kernel reads at run time): any L pairs plan
-    # the same launch.
+    # The level sizes are data the kernel reads at run time (the level table); 1 x 1 placeholders
+    # plan its variant for any sizes (NARROW: levels one pixel wide allowed).
     placeholder_levels = [1, 1] * levels
     planned: list[Any] = []
     with _triton_support.planning_only(planned.append, multiprocessors):
         _msda_fused_forward(tensor(b, shape.num_keys, h, shape.head_dim), placeholder_levels, tensor(b, q, levels, 2),
                             tensor(b, q, h, levels, shape.points, 2), tensor(b, q, h, levels * shape.points))
-    (launch,) = planned
-    return launch
+    # The launcher records its fixed configuration first, then the rest of the autotuning space:
+    # an engine has no autotuner, it takes the fixed one.
+    return planned[0]
 
 
 @dataclass(frozen=True)

@@ -502,10 +502,11 @@ def test_plugin_ptx_is_the_launchers_kernel_for_sm80_and_sm90(aot_results: list[
         assert re.search(r'\.file\s+\d+\s+".*kernels[/\\]ms_deform_attn\.py"', ptx)
         arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)  # type: ignore[union-attr]
         assert arch.startswith(f"sm_{cc}")
-        # The entry takes the 5 inputs and the output only: the launcher's entry also has 2 ints
-        # and Triton's 2 hidden scratch pointers, which TensorRT's AOT launcher would not pass.
+        # The entry takes the 5 inputs and the output only: the launcher's entry also has 3 ints
+        # (num_keys, num_queries, query_bucket) and Triton's 2 hidden scratch pointers, which
+        # TensorRT's AOT launcher would not pass.
         entry = ptx.split(".entry")[1].split(")")[0]
-        assert entry.count(".param .u64 .ptr") == 6 and first["launcher_params"] == 10
+        assert entry.count(".param .u64 .ptr") == 6 and first["launcher_params"] == 11
         source, cubin = tmp_path / f"k{cc}.ptx", tmp_path / f"k{cc}.cubin"
         source.write_text(ptx)
         subprocess.run([knobs.nvidia.ptxas.path, f"--gpu-name={arch}", str(source), "-o", str(cubin)], check=True)
