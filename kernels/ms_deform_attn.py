@@ -168,7 +168,7 @@ def ms_deform_attn_fused_reference(
 
 @jit
 def _axis_neighbours(pixel, last_first, reach):
-    """Along one axis, the lower of the two neighbours a forward sample reads, and both
+    """Along one axis, the lower of the two neighbours a sample reads, and both
     interpolation weights, for an fp32 pixel coordinate.
 
     The lower neighbour is clamped to [0, last_first] (last_first = max(size - 2, 0)), so both
@@ -207,7 +207,7 @@ def _gather(pointers, channels, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
 
 @jit
 def _level_scalars(levels_ptr, level, row_stride, NARROW: tl.constexpr):
-    """What the forward's samples of one level share: the offset of its first key (in elements,
+    """What the samples of one level share (forward and backward): the offset of its first key (in elements,
     from the head's), its size, the clamp limits and reaches of _axis_neighbours, and the offsets
     from a key to its right and lower neighbours. Only NARROW (a level one pixel high or wide)
     needs them computed: there an axis of one pixel has a second neighbour of weight zero, read at
