@@ -26,11 +26,11 @@ compute through the reference; eager CPU calls still run the kernels (interprete
 
 Triton on CPU tensors runs through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in
 the environment before deris is imported (Triton reads it when the kernels are defined).
+Importing this package never needs Triton; asking for the Triton backend without it is an error.
 
 On a GPU the MSDA forward autotunes its program size (``triton.autotune``, once per storage dtype,
 head size and power-of-two bucket of the query count); ``DERIS_AUTOTUNE=0``, read at every call,
 keeps the fixed configuration (no timing runs, e.g. inside a CUDA graph capture).
-Importing this package never needs Triton; asking for the Triton backend without it is an error.
 """
 
 from __future__ import annotations

@@ -83,13 +83,18 @@ def _cell_means(features_ptr, top_left, width, mask):
     Each of a cell's 4 rows is read as one vector of 4 contiguous pixels (8 bytes in half
     precision, 16 in fp32) and summed in registers.
     """
-    columns = tl.arange(0, 4)[None, None, :]
     row_mask = mask[:, :, None]
     total = tl.zeros(top_left.shape, dtype=tl.float32)
     for row in tl.static_range(4):
-        pixels = tl.load(features_ptr + (top_left + row * width)[:, :, None] + columns, mask=row_mask, other=0.0)
+        pixels = tl.load(features_ptr + _cell_row(top_left, row, width), mask=row_mask, other=0.0)
         total += tl.sum(pixels.to(tl.float32), axis=2)
     return total * (1.0 / 16.0)
+
+
+@jit
+def _cell_row(top_left, row, width):
+    """Offsets of the 4 contiguous pixels of row ``row`` of the cells at ``top_left``: a trailing axis of 4."""
+    return (top_left + row * width)[:, :, None] + tl.arange(0, 4)[None, None, :]
 
 
 @jit
@@ -208,8 +213,7 @@ def _mask_pool_grad_features_kernel(
     # Each of a cell's 4 rows written as one vector of 4 pixels, as _cell_means reads them.
     row = tl.broadcast_to(grad_pixel[:, :, None], (BLOCK_C, BLOCK_K, 4))
     for y in tl.static_range(4):
-        tl.store(grad_features_ptr + (top_left + y * width)[:, :, None] + tl.arange(0, 4)[None, None, :], row,
-                 mask=mask)
+        tl.store(grad_features_ptr + _cell_row(top_left, y, width), row, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------

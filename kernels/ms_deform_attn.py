@@ -276,6 +276,14 @@ def _load_pairs(pairs_ptr, index):
 
 
 @jit
+def _pixel_pairs(pairs_ptr, index, width, height):
+    """The normalised (x, y) pairs ``index`` of a [..., 2] tensor as pixel coordinates of a level:
+    align_corners=False puts pixel centres at normalised (i + 0.5) / size."""
+    x, y = _load_pairs(pairs_ptr, index)
+    return x * width.to(tl.float32) - 0.5, y * height.to(tl.float32) - 0.5
+
+
+@jit
 def _corner_backward(level_ptr, grad_level_ptr, offsets, grad_out, corner_weight, q_mask, channels,
                      HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, VALUE_GRAD: tl.constexpr):
     """sum over channels of grad_out * value at one corner per query (``offsets`` from the level's
@@ -368,11 +376,8 @@ def _msda_forward_kernel(
         level_ptr = value_ptr + head_offset + first_key
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
-            loc_x, loc_y = _load_pairs(locations_ptr, entry)
+            x, y = _pixel_pairs(locations_ptr, entry, width, height)
             weight = tl.load(weights_ptr + entry).to(tl.float32)
-            # align_corners=False: pixel centres sit at normalised (i + 0.5) / size.
-            x = loc_x * width.to(tl.float32) - 0.5
-            y = loc_y * height.to(tl.float32) - 0.5
             acc = _accumulate_sample(acc, level_ptr, x, y, scalars, weight, row_stride, channels, HEAD_DIM,
                                      padded, NARROW)
     _forward_store(out_ptr, query_rows, q_mask, acc, channels, HEAD_DIM)
@@ -398,10 +403,8 @@ def _msda_backward_kernel(
         level_offset = head_offset + first_key
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
-            loc_x, loc_y = _load_pairs(locations_ptr, entry)
+            x, y = _pixel_pairs(locations_ptr, entry, width, height)
             weight = tl.load(weights_ptr + entry).to(tl.float32)
-            x = loc_x * width.to(tl.float32) - 0.5
-            y = loc_y * height.to(tl.float32) - 0.5
             grad_weight, grad_x, grad_y = _sample_backward(
                 value_ptr + level_offset, grad_value_ptr + level_offset, x, y, scalars, weight, grad_out, q_mask,
                 row_stride, channels, HEAD_DIM, padded, VALUE_GRAD)
@@ -431,9 +434,7 @@ def _msda_fused_forward_kernel(
         level_ptr = value_ptr + head_offset + first_key
         # reference_points is [B, Q, L, 2]: shared by the heads. loc = ref + offset / size, so the
         # pixel coordinate loc * size - 0.5 is ref * size + offset - 0.5 (no division).
-        ref_x, ref_y = _load_pairs(reference_ptr, queries * NUM_LEVELS + level)
-        ref_x = ref_x * width.to(tl.float32) - 0.5
-        ref_y = ref_y * height.to(tl.float32) - 0.5
+        ref_x, ref_y = _pixel_pairs(reference_ptr, queries * NUM_LEVELS + level, width, height)
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
             offset_x, offset_y = _load_pairs(offsets_ptr, entry)
@@ -470,9 +471,7 @@ def _msda_fused_backward_kernel(
     for level in tl.static_range(NUM_LEVELS):
         first_key, height, width, scalars = _level_scalars(levels_ptr, level, row_stride, NARROW)
         level_offset = head_offset + first_key
-        ref_x, ref_y = _load_pairs(reference_ptr, queries * NUM_LEVELS + level)
-        ref_x = ref_x * width.to(tl.float32) - 0.5
-        ref_y = ref_y * height.to(tl.float32) - 0.5
+        ref_x, ref_y = _pixel_pairs(reference_ptr, queries * NUM_LEVELS + level, width, height)
         for point in tl.static_range(NUM_POINTS):
             entry = entries + level * NUM_POINTS + point
             offset_x, offset_y = _load_pairs(offsets_ptr, entry)
@@ -549,7 +548,7 @@ _msda_fused_forward_tuned = _forward_tuner(_msda_fused_forward_kernel)
 def _lane_launch(value: torch.Tensor, shapes: list[tuple[int, int]], num_queries: int, num_points: int,
                  element_size: int) -> tuple[list[dict[str, int]], Callable[[dict[str, int]], tuple[int, int]],
                                              dict[str, Any]]:
-    """What a launch of a one-lane-per-query kernel (the forwards, the plain backward) needs: the
+    """What a launch of a one-lane-per-query kernel (every MSDA kernel) needs: the
     configurations (msda_forward_configs for chunks of ``element_size`` bytes, as BLOCK_Q and
     num_warps), the grid of one and the meta-parameters every configuration shares."""
     batch, _, heads, head_dim = value.shape
