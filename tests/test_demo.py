@@ -152,6 +152,7 @@ def test_deris_train_exposes_from_scratch_options():
     add_train(parser.add_subparsers(dest="command"))
     common = ["train", "--preset", "deris-demo", "--data-root", "d", "--tokenizer", "t.spm", "--out", "o", "--lr", "4e-4"]
     official = _train_config(parser.parse_args(common))
-    assert (official.train_swin, official.lr_beit3, official.lr_swin) == (False, 2e-4, 4e-5)
-    scratch = _train_config(parser.parse_args([*common, "--train-swin", "--lr-swin", "3e-4", "--lr-beit3", "1e-4"]))
-    assert (scratch.train_swin, scratch.lr_beit3, scratch.lr_swin) == (True, 1e-4, 3e-4)
+    assert (official.train_swin, official.lr_beit3, official.lr_swin, official.grad_clip) == (False, 2e-4, 4e-5, 0.15)
+    scratch = _train_config(parser.parse_args([*common, "--train-swin", "--lr-swin", "3e-4", "--lr-beit3", "1e-4",
+                                               "--grad-clip", "1.0"]))
+    assert (scratch.train_swin, scratch.lr_beit3, scratch.lr_swin, scratch.grad_clip) == (True, 1e-4, 3e-4, 1.0)

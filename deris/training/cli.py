@@ -68,6 +68,9 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--train-swin", action="store_true",
                    help="train Swin too (for training from scratch; official: frozen, as it starts pretrained)")
     p.add_argument("--batch-size", type=int, help="samples per process (default: 1 for grefcoco, 16 otherwise, as official)")
+    p.add_argument("--grad-clip", type=float, default=0.15, metavar="NORM",
+                   help="clip the global gradient norm to NORM (default 0.15, official, for fine-tuning pretrained "
+                   "weights; from scratch the norm is 10-40 and the demo recipe uses 1.0)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (default off: fp32, official)")
     p.add_argument("--no-nsc", dest="nsc", action="store_false", help="disable non-referent sample conversion (gRefCOCO)")
     p.add_argument("--num-points", type=int, default=12544, help="points per mask for matching and mask losses (default 12544)")
@@ -110,6 +113,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         lr_swin=args.lr / 10 if args.lr_swin is None else args.lr_swin,
         train_swin=args.train_swin,
         batch_size=args.batch_size or (1 if args.dataset == "grefcoco" else 16),
+        grad_clip=args.grad_clip,
         amp=args.amp,
         nsc=args.nsc,
         num_points=args.num_points,
