@@ -69,8 +69,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="train Swin too (for training from scratch; official: frozen, as it starts pretrained)")
     p.add_argument("--batch-size", type=int, help="samples per process (default: 1 for grefcoco, 16 otherwise, as official)")
     p.add_argument("--grad-clip", type=float, default=0.15, metavar="NORM",
-                   help="clip the global gradient norm to NORM (default 0.15, official, for fine-tuning pretrained "
-                   "weights; from scratch the norm is 10-40 and the demo recipe uses 1.0)")
+                   help="clip the global gradient norm to NORM (default 0.15, official, made for fine-tuning pretrained "
+                   "weights; trained from scratch the norm is 10-40: docs/training.md)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (default off: fp32, official)")
     p.add_argument("--no-nsc", dest="nsc", action="store_false", help="disable non-referent sample conversion (gRefCOCO)")
     p.add_argument("--num-points", type=int, default=12544, help="points per mask for matching and mask losses (default 12544)")
