@@ -24,9 +24,9 @@ def _commands() -> list[tuple[str, str, list[str]]]:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
-                starts = [i for i, w in enumerate(words) if w in PROGRAMS]
-                if starts:
-                    found.append((f"{doc.name}: {line.strip()[:70]}", words[starts[0]], words[starts[0] + 1:]))
+                start = next((i for i, w in enumerate(words) if w in PROGRAMS), None)
+                if start is not None:
+                    found.append((f"{doc.name}: {line.strip()[:70]}", words[start], words[start + 1:]))
     return found
 
 
