@@ -18,7 +18,7 @@ Backends (``--backends``, the first one is the baseline every ratio is taken aga
                        baseline (on the GPU with --device cuda)
   torch-fp16/-bf16     PyTorch eager in half precision with this project's Triton kernels (GPU)
   onnxruntime          the exported graphs after export/ort_optimize.py (transformer-optimizer
-                       fusions, MSDA Einsum rewrite) with its session options; the CUDA execution
+                       fusions) with its session options; the CUDA execution
                        provider with --device cuda where onnxruntime-gpu provides it, else the CPU
   onnxruntime-default  the exported graphs as they are, in the sessions of export/runtime.py (CPU):
                        the "before" of onnxruntime, timed in the same interleaved rounds

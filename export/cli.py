@@ -86,7 +86,7 @@ def register_onnx(subparsers: argparse._SubParsersAction) -> None:
     add_force(p)
     p.add_argument("--no-ort-optimize", dest="ort_optimize", action="store_false",
                    help="do not write <graph>.opt.onnx, each fp32 graph rewritten offline for ONNX Runtime (fused GELU and "
-                   "LayerNorm, MSDA's Einsum as Mul+ReduceSum; docs/deployment.md), which ONNX Runtime consumers load "
+                   "LayerNorm; docs/deployment.md), which ONNX Runtime consumers load "
                    "instead of the plain graph (TensorRT reads the plain one)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison (of both graph files)")
     add_quiet(p)

@@ -2,8 +2,9 @@
 
 Three representations (``--msda``; docs/deployment.md, "MSDA in graphs"):
 
-* ``gridsample``: the plain-PyTorch reference, exported as ONNX GridSample (opset 18; TensorRT
-  maps GridSample wrongly from opset 20 on).
+* ``gridsample``: the reference's computation in standard ops, ONNX GridSample among them, laid
+  out for graph runtimes (:func:`_gridsample_fused`; opset 18: TensorRT maps GridSample wrongly
+  from opset 20 on).
 * ``trt-plugin``: one ``trt::MultiscaleDeformableAttnPlugin_TRT`` node per deformable layer with
   NVIDIA's contract: value [B,S,H,D], spatial shapes [L,2] INT32, level start index [L] INT32,
   sampling locations [B,Q,H,L,P,2], softmaxed attention weights [B,Q,H,L,P] -> [B,Q,H,D]. The
@@ -30,13 +31,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import deris.kernels as kernels
 from deris.export import triton_plugin
 from deris.export.options import MSDA_MODES
 from deris.kernels.ms_deform_attn import (
     as_shape_list,
-    ms_deform_attn_fused_reference,
     ms_deform_attn_reference,
     sampling_inputs,
 )
@@ -89,12 +90,38 @@ def _gridsample_fused(
     sampling_offsets: torch.Tensor,
     attention_logits: torch.Tensor,
 ) -> torch.Tensor:
+    """The reference's softmax, locations and MSDA (``ms_deform_attn_fused_reference``), laid out
+    for graph runtimes: the same products, summed level by level instead of over one concatenation.
+
+    The query axis is innermost from the locations on: GridSample samples a [B*H, P, Q] grid into
+    [B*H, D, P, Q], the attention weights multiply it as [B*H, 1, P, Q] and the points are summed
+    over a middle axis. Every broadcast then runs over long contiguous spans and every transpose
+    moves a single axis, which ONNX Runtime's CPU kernels do fast, and no [B*H, D, Q, L*P]
+    concatenation is written (export/ort_optimize.py has the measurements). Per-level sums change
+    only the order of the additions (tests/test_export_onnx.py holds it to the reference).
+    """
+    shapes = as_shape_list(spatial_shapes)
+    batch, _, heads, head_dim = value.shape
+    queries, levels, points = sampling_offsets.shape[1], sampling_offsets.shape[3], sampling_offsets.shape[4]
     # .float() is a no-op (no Cast node) for float32 graphs.
-    out: torch.Tensor = ms_deform_attn_fused_reference(
-        value.float(), spatial_shapes, level_start_index, reference_points.float(), sampling_offsets.float(),
-        attention_logits.float(),
-    )
-    return out.to(value.dtype)
+    offsets, reference_points = sampling_offsets.float(), reference_points.float()
+    # Offsets are in pixels: x / width, y / height, as a constant of the offsets' trailing shape
+    # [H, L, P, 2] so that the division broadcasts over whole rows.
+    sizes = torch.tensor([(width, height) for height, width in shapes], dtype=torch.float32, device=value.device)
+    sizes = sizes[None, :, None].expand(heads, levels, points, 2)
+    # [B, H, L, P, Q, 2] in grid_sample's [-1, 1], the arithmetic of sampling_inputs and the reference.
+    locations = reference_points.transpose(1, 2)[:, None, :, None] + (offsets / sizes).permute(0, 2, 3, 4, 1, 5)
+    grids = 2 * locations - 1
+    weights = attention_logits.float().softmax(-1).view(batch, queries, heads, levels, points).permute(0, 2, 3, 4, 1)
+    images = value.float().permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
+    level_images = images.split([height * width for height, width in shapes], dim=-1)
+    per_level = []
+    for level, (image, size) in enumerate(zip(level_images, shapes)):
+        samples = F.grid_sample(image.unflatten(-1, size), grids[:, :, level].reshape(batch * heads, points, queries, 2),
+                                mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*H, D, P, Q]
+        per_level.append((samples * weights[:, :, level].reshape(batch * heads, 1, points, queries)).sum(2))
+    out = sum(per_level[1:], per_level[0])  # [B*H, D, Q]
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2).to(value.dtype)
 
 
 def _plugin_fused(

@@ -6,18 +6,26 @@ at 384 with ORT 1.32; ``benchmarks/latency.py`` times the result):
 * GELU is exported as ``x * (0.5 * (1 + erf(x / sqrt 2)))``, the 0.5 applied to the erf term:
   ORT's online GeluFusion does not match that order, so every GELU stays 5 nodes. The
   transformer optimizer's GELU fusion does match it, and folds the bias Add in (``BiasGelu``).
-* Residual Add + LayerNormalization: ORT fuses some of them online (``SkipLayerNormalization``);
-  the transformer optimizer would fuse every Swin one, but its fused nodes ran slower than ORT's
-  own mix (Swin-S perception at 384, 2 threads, interleaved: +12 %), so that fusion is left out.
+* Residual Add + LayerNormalization: ORT 1.32's CPU ``SkipLayerNormalization`` kernel is slower
+  than the two nodes it replaces (Add + LayerNormalization on [1, 3024, 256], 2 threads: 1.83 ms
+  fused, 0.33 ms unfused). So the transformer optimizer's fusion is left out (on the perception
+  graph it made Swin-S at 384 12 % slower; on the others it matches nothing) and
+  :func:`session_options` turns off ORT's online ``SkipLayerNormFusion``, which would otherwise
+  fuse the pixel decoder's twelve post-LN pairs and 34 in the decoder graph (without it:
+  perception 4 %, decoder 3 % faster). The cognition graph (BEiT-3, pre-LN) has no pair it matches.
 * Attention: neither online nor with the transformer optimizer do the BEiT-3 or the Swin blocks
   become Attention/MultiHeadAttention nodes. Its patterns want one projection MatMul per Q/K/V
   fed by one tensor; BEiT-3's multiway projections are Slice -> a MatMul per modality -> Concat,
   and the Swin window attention is one qkv MatMul split by Gather. What is left of attention
   besides its two GEMMs (masking Where, Softmax, Transposes) is under 5 % of either graph.
-* MSDA's weighted sum is an ``Einsum("ndqk,nqk->nqd")``, which ORT's CPU Einsum computes
-  through transposed copies and a batched GEMM with K = levels x points (12): about 6 % of the
-  perception graph. :func:`rewrite_einsums` turns it into ``Mul`` + ``ReduceSum`` (one pass over
-  the samples), about half the time.
+* MSDA is exported query-last and summed level by level (``export/msda.py``), not as the
+  reference's concatenation of every level's samples and one contraction: ORT's CPU Einsum ran
+  that contraction through transposed copies (6 % of the perception graph), and even as Mul +
+  ReduceSum the [8, 32, 3024, 12] concatenation (3.4 ms a layer), the 2-float-span broadcasts of
+  the location arithmetic (2 ms a layer) and the sum over the innermost axis cost more than the
+  GridSamples' neighbours should. Query-last, the perception graph ran 1.085x as fast, and
+  1.13x with the SkipLayerNorm setting above; the whole chain 1.08x [1.05-1.10] (deris-b-grefcoco
+  at 384, 2 threads, interleaved rounds, 2026-12-01).
 * The cognition graph is GEMM-bound (MatMul is 85 % of its time in ORT): fusions gain it ~1 %.
 * The optimizer's constant-folding pass (ORT 1.32, ``FusionConstantFold.fuse_2``) merges a
   Transpose pair by deleting the first Transpose even when other nodes read it, which breaks
@@ -52,73 +60,13 @@ from deris.atomic import atomic_write
 from deris.export.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 OPTIMIZED_SUFFIX = ".opt.onnx"
+# ORT's online optimisers that make these graphs slower on the CPU (module docstring), as the
+# session config entry "optimization.disable_specified_optimizers" takes them (';'-separated).
+CPU_DISABLED_OPTIMIZERS = "SkipLayerNormFusion"
 # The same limit as the export: protobuf cannot serialise 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 # Contrib ops the fusions may produce; counted into the manifest.
 FUSED_OPS = ("BiasGelu", "Gelu", "FastGelu", "SkipLayerNormalization", "LayerNormalization", "Attention", "MultiHeadAttention")
-
-
-def _einsum_replacement(graph: onnx.GraphProto, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-    """The nodes that compute ``node`` (an Einsum) as broadcast Mul + ReduceSum, or None when its
-    equation is not of that kind (see :func:`rewrite_einsums`). Adds the axes initializers."""
-    if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return None
-    equation = helper.get_attribute_value(node.attribute[0]).decode().replace(" ", "")
-    operands, _, out = equation.partition("->")
-    if "." in equation or not out or operands.count(",") != 1:
-        return None
-    a, b = operands.split(",")
-    contracted = [c for c in a if c not in out]
-    if (len(set(a)) != len(a) or len(set(b)) != len(b) or not set(b) <= set(a) or not contracted
-            or not set(contracted) <= set(b) or set(out) != set(a) - set(contracted)):
-        return None
-    prefix = node.name or node.output[0]
-    nodes: list[onnx.NodeProto] = []
-
-    def add(op: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
-        nodes.append(helper.make_node(op, inputs, [f"{prefix}_{suffix}"], name=f"{prefix}_{suffix}", **attrs))
-        return f"{prefix}_{suffix}"
-
-
-    def axes(values: list[int], suffix: str) -> str:
-        graph.initializer.append(helper.make_tensor(f"{prefix}_{suffix}", onnx.TensorProto.INT64, [len(values)], values))
-        return f"{prefix}_{suffix}"
-
-    # The second operand, its axes put in the first one's order, with size-1 axes for the missing ones.
-    order = sorted(range(len(b)), key=lambda i: a.index(b[i]))
-    right = node.input[1] if order == list(range(len(b))) else add("Transpose", [node.input[1]], "aligned", perm=order)
-    missing = [i for i, c in enumerate(a) if c not in b]
-    if missing:
-        right = add("Unsqueeze", [right, axes(missing, "axes")], "expanded")
-    product = add("Mul", [node.input[0], right], "product")
-    summed = add("ReduceSum", [product, axes([a.index(c) for c in contracted], "sum_axes")], "sum", keepdims=0)
-    kept = [c for c in a if c not in contracted]
-    perm = [kept.index(c) for c in out]
-    if perm == list(range(len(out))):
-        nodes[-1].output[0] = node.output[0]
-    else:
-        nodes.append(helper.make_node("Transpose", [summed], [node.output[0]], name=f"{prefix}_out", perm=perm))
-    for new in nodes:  # the exporter's provenance (module path, class hierarchy), for profiles
-        new.metadata_props.extend(node.metadata_props)
-    return nodes
-
-
-def rewrite_einsums(model: onnx.ModelProto) -> int:
-    """Replace every two-input Einsum that sums over indices of the first operand which the second
-    also has, and whose second operand's indices all appear in the first (``ndqk,nqk->nqd``), by
-    (Transpose/Unsqueeze) + Mul + ReduceSum (+ Transpose). Returns the number of nodes rewritten."""
-    graph = model.graph
-    rewritten = 0
-    for node in list(graph.node):
-        replacement = _einsum_replacement(graph, node)
-        if replacement is None:
-            continue
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, new in enumerate(replacement):
-            graph.node.insert(position + offset, new)
-        rewritten += 1
-    return rewritten
 
 
 @contextlib.contextmanager
@@ -153,8 +101,7 @@ def _fuse(model: onnx.ModelProto, kind: str) -> onnx.ModelProto:
     # The pass that breaks the Swin mask subgraph (module docstring); ORT does it right online.
     optimizer.fuse_constant_fold = lambda: None
     options = FusionOptions("swin" if kind == "perception" else "bert")
-    if kind == "perception":  # slower than ORT's online fusion there (module docstring)
-        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False  # slower (module docstring)
     with _quiet_optimizer():
         optimizer.optimize(options)
     optimizer.topological_sort()
@@ -168,7 +115,6 @@ def optimize_graph(source: Path, target: Path, kind: str) -> dict[str, Any]:
     """Rewrite one graph (see the module docstring) into ``target``; return what changed."""
     model = onnx.load(str(source))
     before = collections.Counter(node.op_type for node in model.graph.node)
-    einsums = rewrite_einsums(model)
     model = _fuse(model, kind)
     after = collections.Counter(node.op_type for node in model.graph.node)
     # Weights stay beside the graph where the export put them there (or where protobuf needs it).
@@ -181,7 +127,6 @@ def optimize_graph(source: Path, target: Path, kind: str) -> dict[str, Any]:
     return {
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
-        "einsum_rewritten": einsums,
         "fused": {op: after[op] - before.get(op, 0) for op in FUSED_OPS if after[op] - before.get(op, 0) > 0},
     }
 
@@ -217,10 +162,12 @@ def optimize_export(
     return manifest
 
 
-def session_options(threads: int | None = None, *, spinning: bool = False) -> Any:
+def session_options(threads: int | None = None, *, spinning: bool = False, cpu: bool = True) -> Any:
     """The ``SessionOptions`` these graphs want on the CPU.
 
-    * every graph optimisation online (the hardware-specific ones the offline graph leaves out);
+    * every graph optimisation online (the hardware-specific ones the offline graph leaves out),
+      except, with ``cpu``, :data:`CPU_DISABLED_OPTIMIZERS`: with them the pixel decoder ran 4 % and
+      the decoder graph 3 % slower (the CUDA provider's fused kernels are another matter);
     * ``threads`` intra-op threads and one inter-op thread: the graphs are chains, and the
       encoders' parallelism is inside the GEMMs;
     * ``spinning=False``: idle intra-op threads sleep instead of spinning. Every graph has its own
@@ -239,6 +186,8 @@ def session_options(threads: int | None = None, *, spinning: bool = False) -> An
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if cpu:
+        options.add_session_config_entry("optimization.disable_specified_optimizers", CPU_DISABLED_OPTIMIZERS)
     return options
 
 
@@ -250,5 +199,5 @@ def optimized_session(directory: str | os.PathLike[str], graph: str, threads: in
     directory = Path(directory)
     entry = read_manifest(directory)["graphs"][graph]
     file = entry.get("optimized", entry)["file"]
-    return onnxruntime.InferenceSession(str(directory / file), session_options(threads, spinning=spinning),
-                                        providers=list(providers))
+    options = session_options(threads, spinning=spinning, cpu=providers[0] == "CPUExecutionProvider")
+    return onnxruntime.InferenceSession(str(directory / file), options, providers=list(providers))

@@ -19,16 +19,18 @@ import onnx
 import pytest
 import torch
 from golden import case_paths, golden_check, golden_dir
+from kernel_checks import assert_close, fused_inputs
 from synthetic_weights import load_manifest, official_state_dict
 
 import deris
 from deris.export import cli, onnx_export
 from deris.export.graphs import build_graph, example_inputs
 from deris.export.manifest import sha256_file
-from deris.export.msda import PLUGIN_ATTRIBUTES, PLUGIN_OP
+from deris.export.msda import PLUGIN_ATTRIBUTES, PLUGIN_OP, _gridsample_fused
 from deris.export.onnx_export import ExportOptions, export_onnx
 from deris.export.runtime import OnnxPipeline
 from deris.export.verify import format_table, synthetic_inputs, verify_export
+from deris.kernels import ms_deform_attn_fused_reference
 from deris.postprocess import decide
 from deris.topology import pipeline_topology
 
@@ -74,6 +76,22 @@ def test_wrappers_follow_the_contract(tiny_model):
         with torch.inference_mode():
             outputs = graph(*example_inputs(spec, 2, vocab_size=tiny_model.cfg.beit3.vocab_size))
         assert [tuple(o.shape) for o in outputs] == [tuple(2 if d == "batch" else d for d in t.shape) for t in spec.outputs], name
+
+
+@pytest.mark.parametrize("shapes", [[(6, 6), (3, 3), (1, 1)], [(5, 7), (2, 9), (4, 1)]])
+def test_gridsample_representation_computes_the_reference(shapes):
+    """The exported MSDA (query-last, summed level by level) against the reference in float64, with
+    points inside, on the edges of and outside every level, odd and one-pixel levels, batch 2."""
+    value, reference_points, offsets, logits, _ = fused_inputs(2, 3, 8, shapes, 4, 11)
+    expected = ms_deform_attn_fused_reference(value, shapes, None, reference_points, offsets, logits)
+    inputs = [t.float() for t in (value, reference_points, offsets, logits)]
+    actual = _gridsample_fused(inputs[0], shapes, None, *inputs[1:])
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    assert_close(actual, expected, torch.float32, "output")
+    # float16 values (an fp16 graph): computed in float32, rounded once to value's dtype.
+    stored = value.half()
+    expected = ms_deform_attn_fused_reference(stored.double(), shapes, None, reference_points, offsets, logits)
+    assert_close(_gridsample_fused(stored, shapes, None, *inputs[1:]), expected, torch.float16, "float16 output")
 
 
 def test_manifest(gridsample_export, tiny_model):

@@ -48,6 +48,7 @@ from deris.atomic import OutputError, check_output_dir, staged_directory
 from deris.cli_support import EXIT_OK, add_command, add_force, add_onnx, add_quiet, resolve_tokenizer
 from deris.config import get_config
 from deris.export.manifest import MANIFEST_NAME, read_manifest
+from deris.export.ort_optimize import CPU_DISABLED_OPTIMIZERS
 from deris.topology import LAYOUTS, PIPELINE_INPUTS, Topology
 from deris.triton_repo import model_source
 
@@ -506,7 +507,8 @@ def _write_graph(repo: Path, graph: Graph, settings: Settings, plan: tuple[Path,
             parameters = {"intra_op_thread_count": str(settings.intra_op_threads), "inter_op_thread_count": "1"}
         else:
             kind = "python"
-            parameters = {"onnx_file": "model.onnx", "intra_op_threads": str(settings.intra_op_threads)}
+            parameters = {"onnx_file": "model.onnx", "intra_op_threads": str(settings.intra_op_threads),
+                          "disabled_optimizers": CPU_DISABLED_OPTIMIZERS}
             shutil.copyfile(model_source("onnx_runner"), version / "model.py")
     config = model_config(
         graph.name, kind=kind, max_batch_size=settings.max_batch_size, inputs=graph.inputs,

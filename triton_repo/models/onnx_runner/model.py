@@ -7,7 +7,8 @@ onnxruntime in the server's python environment.
 The requests of one ``execute`` call (grouped by Triton's dynamic batcher) are concatenated along
 the batch axis and run as one batch, then split back per request.
 
-Config parameters: ``onnx_file`` (in the version folder) and ``intra_op_threads``.
+Config parameters: ``onnx_file`` (in the version folder), ``intra_op_threads`` and
+``disabled_optimizers`` (ONNX Runtime's, ';'-separated; deris.export.ort_optimize says why).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TritonPythonModel:
         # Every graph model has its own pool on the same few cores: a pool spinning after its call
         # would hold up the next model in the ensemble (benchmarks: ~55 ms of ~80 ms chain overhead).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("optimization.disable_specified_optimizers", params.get("disabled_optimizers", ""))
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
