@@ -76,6 +76,8 @@ def test_repository_configs(tiny_export: TinyExport, tmp_path: Path, backend: st
         else:
             assert (config.backend, group.kind, version) == ("python", group.KIND_CPU, ["model.onnx", "model.py"])
             assert config.parameters["onnx_file"].string_value == "model.onnx"
+            # The CPU session settings of export/ort_optimize.py, for the model's own session.
+            assert config.parameters["disabled_optimizers"].string_value == "SkipLayerNormFusion"
         if backend != "tensorrt":
             assert not config.model_warmup
             # Both CPU backends serve the graph's ONNX Runtime rewrite, byte for byte.
