@@ -116,6 +116,7 @@ class Stamp:
     gpu: str
     driver: str
     threads: int
+    malloc: str  # how the process's C library hands out CPU memory (see set_malloc)
     versions: str
     date: str
     commit: str
@@ -126,6 +127,7 @@ class Stamp:
             f"- date: {self.date}; git commit {self.commit}",
             f"- device: {self.device}; CPU {self.cpu} ({cores()} cores available, {self.threads} threads used); "
             f"GPU {self.gpu}; driver {self.driver}",
+            f"- CPU memory: {self.malloc}",
             f"- versions: {self.versions}",
             f"- 1-minute load average {self.load_before:.2f} before and {os.getloadavg()[0]:.2f} after the runs "
             "(other processes on a shared machine slow every number down)",
@@ -134,16 +136,38 @@ class Stamp:
     def caption(self) -> str:
         """One or two short lines for the foot of a plot."""
         return (f"{self.device} | CPU {self.cpu} | GPU {self.gpu} | driver {self.driver} | {self.date} | commit {self.commit}\n"
-                f"{self.versions}")
+                f"{self.malloc} | {self.versions}")
 
     def columns(self) -> dict[str, str]:
         return {"device": self.device, "cpu": self.cpu, "gpu": self.gpu, "driver": self.driver,
-                "threads": str(self.threads), "versions": self.versions, "date": self.date, "commit": self.commit}
+                "threads": str(self.threads), "malloc": self.malloc, "versions": self.versions, "date": self.date, "commit": self.commit}
 
 
-def environment(device: str, threads: int) -> Stamp:
+MALLOC_MODES = ("keep", "default")
+
+
+def add_malloc_option(parser: Any) -> None:
+    parser.add_argument(
+        "--malloc", choices=MALLOC_MODES, default="keep",
+        help="CPU memory of this process: keep = glibc's malloc keeps freed memory for reuse, as every deris command "
+             "sets it (deris.cpu_memory); default = glibc's own behaviour, where large blocks go back to the kernel "
+             "when freed and every call page-faults them in again, as in a plain Python process (default keep)")
+
+
+def set_malloc(mode: str) -> str:
+    """Apply ``--malloc`` to this process; returns what the stamp says of it."""
+    from deris.cpu_memory import keep_freed_memory, user_malloc_settings
+
+    if user := user_malloc_settings():
+        return "malloc as the environment sets it (" + ", ".join(f"{n}={os.environ[n]}" for n in user) + ")"
+    if mode == "keep" and keep_freed_memory():
+        return "glibc malloc keeps freed memory (--malloc keep)"
+    return "the C library's malloc defaults" + (" (--malloc default)" if mode == "default" else " (not glibc)")
+
+
+def environment(device: str, threads: int, malloc: str) -> Stamp:
     gpu, driver = gpu_model() if device.startswith("cuda") else ("none", "none")
-    return Stamp(device, cpu_model(), gpu, driver, threads, library_versions(),
+    return Stamp(device, cpu_model(), gpu, driver, threads, malloc, library_versions(),
                  datetime.datetime.now().astimezone().isoformat(timespec="seconds"), git_commit(), os.getloadavg()[0])
 
 

@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "temporary folder, removed at the end; deris-b exports are about 1.2 GB per resolution)")
     parser.add_argument("--out", type=Path, help="write latency.md, summary.csv, samples.csv and the plots here "
                                                  "(default: print the tables only)")
+    harness.add_malloc_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -918,6 +919,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise KeyboardInterrupt  # a time limit's SIGTERM ends the sweep like Ctrl-C: the report is still written
 
     signal.signal(signal.SIGTERM, stop)
+    malloc = harness.set_malloc(args.malloc)  # before the model's weights are allocated
     torch.set_num_threads(args.threads)
     if args.preset == demo.PRESET:  # the shipped, trained demo model, unless told otherwise
         args.checkpoint = args.checkpoint or demo.verify_asset(demo.DEMO_WEIGHTS)
@@ -929,7 +931,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         tokenizer = args.tokenizer or harness.timing_tokenizer(work / "tokenizer")
         ctx = Context(args, model, work, tokenizer, TextEncoder.from_spm(tokenizer, model.cfg.max_text_len), harness.sample_jpeg())
         backends = [make_backend(ctx, name) for name in args.backends]
-        stamp = harness.environment(args.device, args.threads)
+        stamp = harness.environment(args.device, args.threads, malloc)
         total = len(args.resolutions) * len(args.batch) * len(args.stages)
         with tqdm(total=total, desc="latency sweep", unit="point", disable=args.quiet) as progress:
             results = sweep(backends, ctx, progress)

@@ -48,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=8, help="clients of the throughput run (default 8)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed requests per client before each run (default 10)")
     parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/serving_<preset>.md)")
+    harness.add_malloc_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    malloc = harness.set_malloc(args.malloc)  # the local predictor's side; the server's processes keep their own
     import torch
 
     from deris.export.onnx_export import ExportOptions, export_onnx, load_model
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = harness.sample_jpeg()
     texts = harness.TEXTS
     threads = torch.get_num_threads()
-    stamp = harness.environment("cpu", threads)
+    stamp = harness.environment("cpu", threads, malloc)
 
     with tempfile.TemporaryDirectory(prefix="deris-bench-serving-") as tmp:
         work = Path(tmp)

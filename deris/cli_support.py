@@ -8,6 +8,8 @@
   as ``DERIS-B-grefcoco``, in any case), ``--checkpoint``, ``--tokenizer``, ``--onnx`` (an ONNX
   export directory), ``--engines``, ``--out``, ``--force`` (replace an existing output),
   ``--quiet`` (no progress display).
+* CPU memory: every command keeps freed memory in the process for reuse (``deris.cpu_memory``),
+  unless the environment holds glibc malloc settings of the user's own.
 
 Torch-free: ``--help`` and argument errors never wait for torch to import.
 """
@@ -18,6 +20,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from deris.cpu_memory import keep_freed_memory
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -127,6 +131,7 @@ def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     """Parse, run the chosen command and map its outcome to the exit codes above."""
     args = parser.parse_args(argv)
     where = f"{prog} {args.command}"
+    keep_freed_memory()  # a CPU forward would otherwise page-fault its activations in on every call
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -213,11 +214,12 @@ def test_report_csv_and_plots(tmp_path, monkeypatch):
     ctx.model = model
     backends = [FakeBackend(ctx, "slow", 2.0), FakeBackend(ctx, "fast", 1.0)]
     results = latency.sweep(backends, ctx, Silent())
-    stamp = harness.Stamp("cpu", "Test CPU", "none", "none", 2, "Python x", "2026-12-01", "abc123", 0.5)
+    stamp = harness.Stamp("cpu", "Test CPU", "none", "none", 2, "glibc malloc keeps freed memory", "Python x", "2026-12-01", "abc123", 0.5)
     report = latency.markdown(results, backends, ctx, stamp, "python benchmarks/latency.py")
     assert "| end_to_end | 384 | 1 | fast | 384.0 | 384.0 | 384.0 | 2.60 | 123.0 | 2.00x [2.00-2.00] |" in report
     assert "| slow | 0.50 | 384, 1024 |" in report and "| fast | 0.50 | 384, 1024 |" in report
     assert "git commit abc123" in report and "Test CPU" in report and "seeded random" in report
+    assert "- CPU memory: glibc malloc keeps freed memory" in report
 
     out = tmp_path / "out"
     written = latency.write_outputs(out, results, backends, ctx, stamp, report)
@@ -226,6 +228,7 @@ def test_report_csv_and_plots(tmp_path, monkeypatch):
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
     assert len(summary) == 2 * 4 * 2 * 2 and {r["commit"] for r in summary} == {"abc123"}
+    assert {r["malloc"] for r in summary} == {"glibc malloc keeps freed memory"}
     fast = next(r for r in summary if (r["backend"], r["stage"], r["resolution"], r["batch"]) == ("fast", "decoder", "1024", "2"))
     assert float(fast["speedup"]) == pytest.approx(2.0) and float(fast["p50_ms"]) == pytest.approx(2048.0)
     with open(out / "samples.csv") as f:
@@ -234,13 +237,23 @@ def test_report_csv_and_plots(tmp_path, monkeypatch):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_stamp_says_how_malloc_was_set(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    assert harness.set_malloc("default") == "the C library's malloc defaults (--malloc default)"
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # the user's own setting wins, and this process is left alone
+    assert harness.set_malloc("keep") == "malloc as the environment sets it (MALLOC_MMAP_MAX_=0)"
+
+
 def test_the_demo_model_sweep_on_the_cpu(tmp_path):
     """The issue's command, as a user runs it: the shipped demo model (its weights are the default for
     its preset), PyTorch against ONNX Runtime's optimised graphs, two resolutions, three runs."""
     out = tmp_path / "demo"
     command = [sys.executable, str(BENCHMARKS / "latency.py"), "--preset", "deris-demo", "--backends", "torch,onnxruntime",
                "--resolutions", "288,416", "--batch", "1", "--runs", "3", "--quiet", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -249,6 +262,7 @@ def test_the_demo_model_sweep_on_the_cpu(tmp_path):
     assert all(r["error"] == "" and float(r["p50_ms"]) > 0 for r in rows)
     report = (out / "latency.md").read_text()
     assert "deris-demo.safetensors" in report and "seeded random" not in report
+    assert "- CPU memory: glibc malloc keeps freed memory (--malloc keep)" in report
     for png in ("latency_vs_resolution.png", "throughput_vs_batch.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 

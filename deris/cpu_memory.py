@@ -1,0 +1,51 @@
+"""Keep freed CPU memory in the process, so that a forward pass does not page-fault on every call.
+
+glibc's malloc serves every block above its mmap threshold (128 KiB, rising with what is freed to at
+most 32 MiB) with fresh pages from the kernel and hands them back when the block is freed. A PyTorch
+forward on the CPU allocates and frees its activations on every call, so each call touches
+gigabytes of new pages, and each page costs a fault and zeroing. Measured on deris-b-grefcoco
+(2 threads, `benchmarks/results/README.md`): 13 M minor page faults in a run at 1024 px, the
+perception graph 28 % slower than with the memory kept; at 384 px, where fewer blocks exceed the
+threshold, 15 %. It is why PyTorch's latency grew faster than the pixel count. ONNX Runtime is not
+affected: its arena keeps what it allocated.
+
+The fix is two glibc settings: never use ``mmap`` for a block, and never trim the heap back to the
+kernel. The process then keeps its peak memory for reuse, as ONNX Runtime's arena does. The
+command-line tools apply it (every ``deris`` and ``deris-export`` command, the benchmarks); a
+program using the Python API can call :func:`keep_freed_memory` itself. Users who set glibc's own
+malloc variables (``MALLOC_*_`` or a ``glibc.malloc`` tunable) keep theirs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# mallopt parameters, from glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# mallopt takes an int: the largest trim threshold it accepts
+NEVER_TRIM = 2**31 - 1
+
+
+def user_malloc_settings() -> list[str]:
+    """The glibc malloc settings in this process's environment, which :func:`keep_freed_memory` respects."""
+    names = [name for name in os.environ if name.startswith("MALLOC_") and name.endswith("_")]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        names.append("GLIBC_TUNABLES")
+    return sorted(names)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (see the module docstring).
+
+    Returns whether the setting is in effect: False off glibc (macOS, musl, Windows) and where the
+    environment already holds the user's own malloc settings, which are left as they are.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_malloc_settings():
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # mallopt returns 1 on success; both calls also switch off glibc's moving mmap threshold
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
