@@ -31,14 +31,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import deris.kernels as kernels
 from deris.export import triton_plugin
 from deris.export.options import MSDA_MODES
 from deris.kernels.ms_deform_attn import (
     as_shape_list,
+    head_level_images,
     ms_deform_attn_reference,
+    sample_bilinear,
     sampling_inputs,
 )
 from deris.modeling.pixel_decoder import msda_function
@@ -113,12 +114,9 @@ def _gridsample_fused(
     locations = reference_points.transpose(1, 2)[:, None, :, None] + (offsets / sizes).permute(0, 2, 3, 4, 1, 5)
     grids = 2 * locations - 1
     weights = attention_logits.float().softmax(-1).view(batch, queries, heads, levels, points).permute(0, 2, 3, 4, 1)
-    images = value.float().permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
-    level_images = images.split([height * width for height, width in shapes], dim=-1)
     per_level = []
-    for level, (image, size) in enumerate(zip(level_images, shapes)):
-        samples = F.grid_sample(image.unflatten(-1, size), grids[:, :, level].reshape(batch * heads, points, queries, 2),
-                                mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*H, D, P, Q]
+    for level, image in enumerate(head_level_images(value.float(), shapes)):
+        samples = sample_bilinear(image, grids[:, :, level].reshape(batch * heads, points, queries, 2))  # [B*H, D, P, Q]
         per_level.append((samples * weights[:, :, level].reshape(batch * heads, 1, points, queries)).sum(2))
     out = sum(per_level[1:], per_level[0])  # [B*H, D, Q]
     return out.view(batch, heads * head_dim, queries).transpose(1, 2).to(value.dtype)

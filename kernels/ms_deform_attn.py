@@ -69,6 +69,21 @@ def as_shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
+def head_level_images(value: torch.Tensor, spatial_shapes: SpatialShapes) -> list[torch.Tensor]:
+    """value [B, S, H, D] as grid_sample images, one channel-first image per (image, head) and
+    level: [B*H, D, H_l, W_l] for each level l."""
+    batch, _, heads, head_dim = value.shape
+    shapes = as_shape_list(spatial_shapes)
+    images = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
+    return [image.unflatten(-1, size) for image, size in zip(images.split([h * w for h, w in shapes], dim=-1), shapes)]
+
+
+def sample_bilinear(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The contract's sampling: bilinear, zero outside the map, with ``grid`` = 2 * location - 1
+    (grid_sample's [-1, 1], which align_corners=False maps onto [0, 1] linearly)."""
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def ms_deform_attn_reference(
     value: torch.Tensor,
     spatial_shapes: SpatialShapes,
@@ -82,21 +97,13 @@ def ms_deform_attn_reference(
     the three float inputs (so float32 locations keep their precision next to float16 values) and
     returns value's dtype. Exportable as ONNX GridSample + MatMul, and differentiable.
     """
-    shapes = as_shape_list(spatial_shapes)
     batch, _, heads, head_dim = value.shape
     queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
-    # Every (image, head) pair is one channel-first image for grid_sample: [B*H, D, S].
-    images = value.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
-    # grid_sample addresses [-1, 1]; with align_corners=False that maps onto [0, 1] linearly.
     grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).reshape(batch * heads, queries, levels, points, 2)
-    level_images = images.split([height * width for height, width in shapes], dim=-1)
     # [B*H, D, Q, L*P]: the bilinear sample of every (level, point), levels side by side.
-    samples = torch.cat([
-        F.grid_sample(image.unflatten(-1, size), grids[:, :, level], mode="bilinear", padding_mode="zeros",
-                      align_corners=False)
-        for level, (image, size) in enumerate(zip(level_images, shapes))
-    ], dim=-1)
+    samples = torch.cat([sample_bilinear(image, grids[:, :, level])
+                         for level, image in enumerate(head_level_images(value.to(dtype), spatial_shapes))], dim=-1)
     # out[n, q, d] = sum over k = (level, point) of samples[n, d, q, k] * weights[n, q, k].
     weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, queries, levels * points)
     out = torch.einsum("ndqk,nqk->nqd", samples, weights)
