@@ -2,12 +2,13 @@
 
 glibc's malloc serves every block above its mmap threshold (128 KiB, rising with what is freed to at
 most 32 MiB) with fresh pages from the kernel and hands them back when the block is freed. A PyTorch
-forward on the CPU allocates and frees its activations on every call, so each call touches
-gigabytes of new pages, and each page costs a fault and zeroing. Measured on deris-b-grefcoco
-(2 threads, `benchmarks/results/README.md`): 13 M minor page faults in a run at 1024 px, the
-perception graph 28 % slower than with the memory kept; at 384 px, where fewer blocks exceed the
-threshold, 15 %. It is why PyTorch's latency grew faster than the pixel count. ONNX Runtime is not
-affected: its arena keeps what it allocated.
+forward on the CPU allocates and frees its activations on every call, so each call faults gigabytes
+of memory in again, page by page, zeroed. A benchmark process timing deris-b-grefcoco at 384 and
+1024 px took 23 M minor page faults, under 1 M with the memory kept, and PyTorch ran end to end
+1.19x faster at 384 px and 1.39x at 1024 px (docs/deployment.md, "PyTorch on the CPU: memory"):
+the faults were why its latency grew faster than the pixel count (exponent 1.13 in the sweep before,
+0.87 after). ONNX Runtime is not affected: its
+arena keeps what it allocated.
 
 The fix is two glibc settings: never use ``mmap`` for a block, and never trim the heap back to the
 kernel. The process then keeps its peak memory for reuse, as ONNX Runtime's arena does. The
