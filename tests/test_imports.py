@@ -193,6 +193,7 @@ def test_one_cli_convention() -> None:
     for name, parser in commands.items():
         flags = {flag for action in parser._actions for flag in action.option_strings}
         assert parser.epilog and EXIT_CODES in parser.epilog, f"{name}: --help does not list the exit codes"
+        assert "%%" not in parser.format_help(), f"{name}: --help shows a doubled %% (only help= strings are %-formatted)"
         if "--out" in flags:
             assert "--force" in flags, f"{name} writes --out but has no --force"
             assert "--quiet" in flags or name in instant, f"{name} writes output but has no --quiet"

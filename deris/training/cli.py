@@ -160,9 +160,9 @@ def add_make_synthetic(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "make-synthetic",
         help="write a synthetic referring dataset (coloured shapes) in the official gRefCOCO layout",
         description="Render N scenes of coloured shapes (circle, square, triangle; red, green, blue, yellow; big, "
-        "small) on textured backgrounds with occlusion, with single-, multi- and no-target expressions (about 15%% "
+        "small) on textured backgrounds with occlusion, with single-, multi- and no-target expressions (about 15% "
         "no target), and write them as OUT/data/seqtr_type (annotations/grefs/instance.json with splits train, val, "
-        "testA, testB; train_dict.json; images/mscoco/train2014/COCO_train2014_%%012d.jpg). The same seed writes the "
+        "testA, testB; train_dict.json; images/mscoco/train2014/COCO_train2014_%012d.jpg). The same seed writes the "
         "same files.",
         run=run_make_synthetic,
         examples="  deris make-synthetic --out shapes --images 2000 --seed 0\n"
