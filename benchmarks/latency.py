@@ -45,6 +45,11 @@ weights and tokenizer are the default): the work is the same, the masks are mean
 report says which. The expressions are tokenised with a small timing sentencepiece model unless
 --tokenizer names beit3.spm.
 
+CPU memory: like every deris command, the script keeps freed memory in the process for reuse
+(--malloc keep, deris.cpu_memory); with glibc's defaults (--malloc default) PyTorch faults its
+activations in again on every call, which costs it most at high resolutions and large batches.
+ONNX Runtime keeps its own arena either way. The setting is stamped on every output.
+
 Outputs with --out DIR (each file written atomically): latency.md (the tables), summary.csv (one
 row per backend, stage and point), samples.csv (every timed call), latency_vs_resolution.png
 (log-log, with a pixels-proportional reference line) and throughput_vs_batch.png, all stamped
