@@ -8,8 +8,9 @@
   as ``DERIS-B-grefcoco``, in any case), ``--checkpoint``, ``--tokenizer``, ``--onnx`` (an ONNX
   export directory), ``--engines``, ``--out``, ``--force`` (replace an existing output),
   ``--quiet`` (no progress display).
-* CPU memory: every command keeps freed memory in the process for reuse (``deris.cpu_memory``),
-  unless the environment holds glibc malloc settings of the user's own.
+* CPU memory: run as programs, the commands keep freed memory in the process for reuse
+  (``deris.cpu_memory``), unless the environment holds glibc malloc settings of the user's own;
+  ``main([...])`` called from Python code leaves the caller's allocator alone.
 
 Torch-free: ``--help`` and argument errors never wait for torch to import.
 """
@@ -131,7 +132,10 @@ def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     """Parse, run the chosen command and map its outcome to the exit codes above."""
     args = parser.parse_args(argv)
     where = f"{prog} {args.command}"
-    keep_freed_memory()  # a CPU forward would otherwise page-fault its activations in on every call
+    if argv is None:
+        # Run as the program (the console script): a CPU forward would otherwise fault its
+        # activations in again on every call. Python code calling main([...]) keeps its own malloc.
+        keep_freed_memory()
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

@@ -15,18 +15,31 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 # A forward's pattern in miniature: the same large activations allocated, written and freed call
 # after call. Prints the minor page faults of each call.
+# Modes: "keep" calls keep_freed_memory(); "program" and "called" run the calls as a command of
+# the CLI convention, as the console script does (no argv) and as Python code does (an argv list).
 CALLS = """
-import json, resource, sys
+import argparse, json, resource, sys
 import torch
+from deris.cli_support import run_main
 from deris.cpu_memory import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(10):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    big, small = torch.empty(16 * 2**20), torch.empty(3 * 2**20)  # 64 MiB and 12 MiB
-    big.fill_(1.0), small.fill_(1.0)
-    del big, small
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def calls(args):
+    for _ in range(10):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        big, small = torch.empty(16 * 2**20), torch.empty(3 * 2**20)  # 64 MiB and 12 MiB
+        big.fill_(1.0), small.fill_(1.0)
+        del big, small
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return 0
+mode = sys.argv.pop(1)
+applied = keep_freed_memory() if mode == "keep" else None
+if mode in ("program", "called"):
+    parser = argparse.ArgumentParser(prog="deris")
+    parser.add_subparsers(dest="command").add_parser("calls").set_defaults(run=calls)
+    sys.argv[1:] = ["calls"]
+    run_main("deris", parser, None if mode == "program" else ["calls"])
+else:
+    calls(None)
 print(json.dumps({"applied": applied, "faults": faults}))
 """
 PAGES = (64 + 12) * 2**20 // 4096
@@ -47,6 +60,13 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     assert kept["applied"] is True
     # glibc's aligned allocations need a few calls to settle into reusable free blocks
     assert max(kept["faults"][-3:]) < PAGES // 20, kept["faults"]
+
+
+def test_the_commands_keep_memory_when_run_as_programs_only() -> None:
+    if max(run_calls("default")["faults"][-3:]) < PAGES // 2:
+        pytest.skip("this machine's kernel does not fault every fresh page (transparent huge pages?)")
+    assert max(run_calls("program")["faults"][-3:]) < PAGES // 20
+    assert min(run_calls("called")["faults"][-3:]) >= PAGES // 2  # main([...]) from Python code changes nothing
 
 
 def test_the_users_own_malloc_settings_win() -> None:
