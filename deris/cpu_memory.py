@@ -6,13 +6,12 @@ forward on the CPU allocates and frees its activations on every call, so each ca
 of memory in again, page by page, zeroed. A benchmark process timing deris-b-grefcoco at 384 and
 1024 px took 23 M minor page faults, under 1 M with the memory kept, and PyTorch ran end to end
 1.19x faster at 384 px and 1.39x at 1024 px (docs/deployment.md, "PyTorch on the CPU: memory"):
-the faults were why its latency grew faster than the pixel count (exponent 1.13 in the sweep before,
-0.87 after). ONNX Runtime is not affected: its
-arena keeps what it allocated.
+the faults were most of why its latency grew faster than the pixel count (exponent 1.13 in the
+sweep before, 0.87 after). ONNX Runtime is not affected: its arena keeps what it allocated.
 
 The fix is two glibc settings: never use ``mmap`` for a block, and never trim the heap back to the
 kernel. The process then keeps its peak memory for reuse, as ONNX Runtime's arena does. The
-command-line tools apply it (every ``deris`` and ``deris-export`` command, the benchmarks); a
+command-line tools apply it (``deris`` and ``deris-export`` run as programs, the benchmarks); a
 program using the Python API can call :func:`keep_freed_memory` itself. Users who set glibc's own
 malloc variables (``MALLOC_*_`` or a ``glibc.malloc`` tunable) keep theirs.
 """
@@ -21,13 +20,20 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 # mallopt parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 # mallopt takes an int: the largest trim threshold it accepts
 NEVER_TRIM = 2**31 - 1
+
+
+def on_glibc() -> bool:
+    """Whether this process runs on glibc (asked of the C library itself, not read from a binary)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # the name is unknown to this platform's C library
+        return False
 
 
 def user_malloc_settings() -> list[str]:
@@ -44,7 +50,7 @@ def keep_freed_memory() -> bool:
     Returns whether the setting is in effect: False off glibc (macOS, musl, Windows) and where the
     environment already holds the user's own malloc settings, which are left as they are.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_malloc_settings():
+    if not on_glibc() or user_malloc_settings():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
