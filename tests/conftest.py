@@ -40,6 +40,18 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
 
 
 @pytest.fixture(scope="session")
+def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model exported as ``deris-export onnx`` does by default (every graph at its
+    preset's resolution, fp32, GridSample MSDA, ONNX Runtime's optimised graphs beside them)."""
+    from deris.demo import demo_paths, load_demo_predictor
+    from deris.export.onnx_export import ExportOptions, export_onnx
+
+    model = load_demo_predictor().model
+    options = ExportOptions(model.cfg.image_size, weights=demo_paths()[0].name)
+    return export_onnx(model, tmp_path_factory.mktemp("deris_demo") / "onnx", options, progress=False)
+
+
+@pytest.fixture(scope="session")
 def python_repo(tiny_export: TinyExport, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deris.triton_repo.repository import generate_triton_repo
 

@@ -1,8 +1,9 @@
 """ONNX export (``deris-export onnx``): graph contract, both MSDA representations, fp16, manifest,
 parity with PyTorch in ONNX Runtime, the per-round chain, CLI errors and interrupted exports.
 
-The tiny preset covers every code path quickly; deris-b-grefcoco's encoders are checked against
-the official code's golden arrays, and the whole B model (marked slow) per sample.
+The tiny preset covers every code path quickly; deris-b-grefcoco (marked slow: its exports take
+minutes) is checked against the official code's golden arrays, the encoders and the whole model per
+sample.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +48,10 @@ def tiny_model() -> deris.DeRIS:
 
 
 @pytest.fixture(scope="module")
-def gridsample_export(tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "tiny-gridsample"
-    return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION), progress=False)
+def gridsample_export(tiny_export) -> Path:
+    """The session's deris-tiny export (conftest.py): tiny_model's weights (seed 0), every graph at
+    its preset's 128 px, GridSample MSDA. An export takes a minute on two cores: made once a run."""
+    return tiny_export.onnx_dir
 
 
 @pytest.fixture(scope="module")
@@ -394,10 +397,26 @@ def summaries(prefix: str, f: np.ndarray, channel_step: int, spatial_step: int) 
     }
 
 
-def test_b_grefcoco_encoders_match_official(golden_b, tmp_path):
-    model, case, checker = golden_b
-    out = export_onnx(model, tmp_path / "b", ExportOptions(384, graphs=("cognition", "perception"), weights="golden"), progress=False)
-    pipeline = OnnxPipeline(out)
+@pytest.fixture(scope="module")
+def golden_b_export(golden_b, tmp_path_factory) -> Callable[[str], Path]:
+    """The whole model with caseA's weights exported at 384, once per MSDA representation (about
+    three minutes and 2.2 GB each): the encoder check and the per-sample check share the export."""
+    model = golden_b[0]
+    made: dict[str, Path] = {}
+
+    def export(msda: str) -> Path:
+        if msda not in made:
+            out = tmp_path_factory.mktemp("b") / msda
+            made[msda] = export_onnx(model, out, ExportOptions(384, msda=msda, weights="golden"), progress=False)
+        return made[msda]
+
+    return export
+
+
+@pytest.mark.slow
+def test_b_grefcoco_encoders_match_official(golden_b, golden_b_export):
+    _, case, checker = golden_b
+    pipeline = OnnxPipeline(golden_b_export("gridsample"))
     feeds = golden_inputs(case)  # the golden batch of 2; the encoders are batch-independent
     cognition = pipeline.run("cognition", feeds)
     perception = pipeline.run("perception", feeds)
@@ -414,10 +433,9 @@ def test_b_grefcoco_encoders_match_official(golden_b, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("msda", ["gridsample", "trt-plugin"])
-def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, tmp_path, msda):
+def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, golden_b_export, msda):
     model, case, checker = golden_b
-    out = export_onnx(model, tmp_path / "b", ExportOptions(384, msda=msda, weights="golden"), progress=False)
-    pipeline = OnnxPipeline(out)
+    pipeline = OnnxPipeline(golden_b_export(msda))
     threshold = model.cfg.score_threshold
     for b in range(case["in_img"].shape[0]):
         feeds = golden_inputs(case, slice(b, b + 1))
@@ -433,15 +451,18 @@ def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, tmp_path, m
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_demo_model_masks_survive_export(tmp_path, precision):
+def test_demo_model_masks_survive_export(request, tmp_path, precision):
     """The shipped demo model on its own kind of images: the ONNX Runtime pipeline's masks match
     PyTorch float32 (IoU >= 0.99 per sample) with the same no-target decisions."""
     from deris.demo import load_demo_predictor
 
     model = load_demo_predictor().model
     cfg = model.cfg
-    out = export_onnx(model, tmp_path / precision, ExportOptions(cfg.image_size, precision=precision,
-                                                                 graphs=("cognition", "perception", "decoder")), progress=False)
+    if precision == "fp32":  # the session's export (conftest.py), as deris-export makes it by default
+        out = request.getfixturevalue("demo_export")
+    else:
+        out = export_onnx(model, tmp_path / precision, ExportOptions(cfg.image_size, precision=precision,
+                                                                     graphs=("cognition", "perception", "decoder")), progress=False)
     inputs = synthetic_inputs(cfg, cfg.image_size, batch=6, seed=3)
     produced = OnnxPipeline(out)({k: v.numpy() for k, v in inputs.items()})
     with torch.inference_mode():

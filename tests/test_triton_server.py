@@ -239,21 +239,19 @@ def test_fused_decoder_repository(tiny_export: TinyExport, local_predictor: Any,
     assert server.process is not None and server.process.returncode == 0
 
 
-def test_the_demo_model_served_gives_the_local_masks_on_its_scenes(tmp_path: Path) -> None:
+def test_the_demo_model_served_gives_the_local_masks_on_its_scenes(demo_export: Path, tmp_path: Path) -> None:
     """Parity that compares masks, not noise: the shipped demo model exported (ONNX Runtime's
     optimised graphs, fused decoder) and served answers exactly like the local PyTorch predictor on
     scenes of the kind it was trained on, and its masks are shapes: nearly all of their pixels lie on
     the scene's shapes, which cover a small part of each image (which shape is referred is the held-out
     evaluation's business, README "Demo model")."""
     from deris.demo import demo_paths, load_demo_predictor
-    from deris.export.onnx_export import ExportOptions, export_onnx
     from deris.scenes import make_scene
     from deris.triton_repo.repository import generate_triton_repo
     from deris.triton_repo.server import TritonServer
 
     local = load_demo_predictor()
-    onnx_dir = export_onnx(local.model, tmp_path / "onnx", ExportOptions(local.model.cfg.image_size), progress=False)
-    repo = generate_triton_repo(onnx_dir, tmp_path / "repo", "python", "fused", spm_path=demo_paths()[1])
+    repo = generate_triton_repo(demo_export, tmp_path / "repo", "python", "fused", spm_path=demo_paths()[1])
     rng = np.random.default_rng(11)
     scenes = [make_scene(rng) for _ in range(4)]
     on_shapes = []
