@@ -84,6 +84,7 @@ from harness import Call, Ratio, Run, Stamp
 BACKENDS = ("torch", "torch-fp16", "torch-bf16", "onnxruntime", "onnxruntime-default", "tensorrt", "triton")
 GPU_ONLY = ("torch-fp16", "torch-bf16", "tensorrt")
 STAGES = ("cognition", "perception", "decoder", "end_to_end")
+ORT_POOLS = ("shared", "per-session")  # --ort-pool
 GRAPHS = ("cognition", "perception", "decoder")
 DEFAULT_RESOLUTIONS = (320, 384, 448, 512, 640, 768, 1024)
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "are idle (default 50)")
     parser.add_argument("--threads", type=int, default=harness.cores(),
                         help="CPU threads for PyTorch and ONNX Runtime (default: the cores this process may use)")
+    parser.add_argument("--ort-pool", choices=ORT_POOLS, default="shared",
+                        help="ONNX Runtime's intra-op threads: shared = one pool for every session of the process, "
+                             "spinning between calls (export/ort_optimize.share_thread_pool); per-session = a pool per "
+                             "graph that sleeps after each call, as export/runtime.py's sessions (default shared)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where torch, onnxruntime and tensorrt run (default auto: cuda if available)")
     parser.add_argument("--concurrency", type=int, default=8,
@@ -405,7 +410,8 @@ class OrtBackend(InProcess):
     def describe(self) -> str:
         graphs = "optimised graphs (export/ort_optimize.py) and its session options" if self.optimized else \
             "graphs as exported, export/runtime.py sessions"
-        return f"{self.name}: ONNX Runtime {self.providers[0]}, {graphs}, {self.ctx.args.threads} intra-op threads"
+        pool = "in one pool its sessions share" if self.ctx.args.ort_pool == "shared" else "per session"
+        return f"{self.name}: ONNX Runtime {self.providers[0]}, {graphs}, {self.ctx.args.threads} intra-op threads {pool}"
 
     def load(self, resolution: int) -> None:
         from deris.export.manifest import read_manifest
@@ -433,7 +439,7 @@ class OrtBackend(InProcess):
         import onnxruntime
 
         from deris.export.manifest import read_manifest
-        from deris.export.ort_optimize import session_options
+        from deris.export.ort_optimize import session_options, shared_pool_threads
 
         feeds = self.feeds.get("perception")
         if feeds is None:  # its perception call failed at this resolution
@@ -447,7 +453,10 @@ class OrtBackend(InProcess):
                 msda_nodes.add(node.name)
         with tempfile.TemporaryDirectory(prefix="deris-ort-profile-") as scratch:
             options = session_options(self.ctx.args.threads) if self.optimized else onnxruntime.SessionOptions()
-            options.intra_op_num_threads = self.ctx.args.threads
+            if shared_pool_threads() is None:
+                options.intra_op_num_threads = self.ctx.args.threads
+            else:  # ONNX Runtime opens no session with a pool of its own once the shared one exists
+                options.use_per_session_threads = False
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(scratch) / "perception")
             session = onnxruntime.InferenceSession(str(path), options, providers=self.providers)
@@ -935,6 +944,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         tokenizer = args.tokenizer or harness.timing_tokenizer(work / "tokenizer")
         ctx = Context(args, model, work, tokenizer, TextEncoder.from_spm(tokenizer, model.cfg.max_text_len), harness.sample_jpeg())
+        if args.ort_pool == "shared" and any(name.startswith("onnxruntime") for name in args.backends):
+            from deris.export.ort_optimize import share_thread_pool
+
+            share_thread_pool(args.threads)  # before the first session
         backends = [make_backend(ctx, name) for name in args.backends]
         stamp = harness.environment(args.device, args.threads, malloc)
         total = len(args.resolutions) * len(args.batch) * len(args.stages)
