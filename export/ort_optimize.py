@@ -173,12 +173,15 @@ def share_thread_pool(threads: int) -> None:
     For programs that run the graphs of a chain in one process. With a pool per session, the pool of
     the graph that just finished would spin on the cores the next graph needs, so per-session pools
     do not spin (:func:`session_options`), and each graph then pays for waking its threads. One pool
-    has neither cost: measured on deris-b-grefcoco at 384, 2 threads on 2 cores, 2026-12-02, the
-    chain of three graphs ran 1.09x as fast (1280 against 1390-1430 ms, blocks of 8 chains in
-    alternating processes), the perception graph 1.08-1.21x. Call it before the process opens its
-    first session: sessions that have their own pool cannot be opened once the shared one exists
-    (ONNX Runtime refuses them), so it is the program's choice, not a library default. Calling it
-    again with the same size does nothing.
+    has neither cost. Measured on deris-b-grefcoco at 384, 2 threads on 2 cores, 2026-12-02 (a noisy
+    machine): the chain of three graphs, in blocks of 8 chains from alternating processes, was faster
+    with the shared pool in each of 6 block pairs (median chain 1.03-1.52x as fast); in
+    benchmarks/latency.py's runs against PyTorch the end-to-end p50 was 1227 against 1253 ms and the
+    ratio to PyTorch 1.38x either way (benchmarks/results/cpu_deris-b-grefcoco_384_ort_pool/).
+
+    Call it before the process opens its first session: ONNX Runtime refuses sessions with a pool
+    of their own once the shared one exists, so it is the program's choice, not a library default.
+    Calling it again with the same size does nothing.
     """
     global _shared_pool_threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

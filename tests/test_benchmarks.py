@@ -275,9 +275,10 @@ def test_command_line_errors_and_help():
         latency.parse_args(["--device", "cpu", "--backends", "torch,torch-fp16"])  # fp16 needs a GPU
     args = latency.parse_args(["--device", "cpu", "--resolutions", "416,288,288", "--batch", "4,1"])
     assert args.resolutions == (288, 416) and args.batch == (1, 4) and args.backends == ("torch", "onnxruntime")
+    assert args.ort_pool == "shared" and latency.parse_args(["--ort-pool", "per-session"]).ort_pool == "per-session"
     help_text = latency.build_parser().format_help()
     for option in ("--preset", "--checkpoint", "--backends", "--resolutions", "--batch", "--runs", "--warmup",
-                   "--concurrency", "--out", "interleaved", "exponent"):
+                   "--concurrency", "--ort-pool", "--out", "interleaved", "exponent"):
         assert option in help_text
 
 
@@ -368,6 +369,43 @@ def test_session_options(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert _online_ops(model, ort_optimize.session_options(1, cpu=False), tmp_path) == ["SkipLayerNormalization"]
     assert _online_ops(model, ort_optimize.session_options(1), tmp_path) == ["Add", "LayerNormalization"]
+    assert options.use_per_session_threads and ort_optimize.shared_pool_threads() is None
+
+
+# The shared pool is the process's for good: checked in a fresh interpreter.
+SHARED_POOL_SCRIPT = """
+import numpy as np, onnxruntime, pytest
+from onnx import TensorProto, helper
+from deris.export import ort_optimize
+for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="positive int"):
+        ort_optimize.share_thread_pool(bad)
+ort_optimize.share_thread_pool(2)
+ort_optimize.share_thread_pool(2)  # the same size again: nothing to do
+with pytest.raises(RuntimeError, match="already shares an ONNX Runtime pool of 2 threads"):
+    ort_optimize.share_thread_pool(3)
+assert ort_optimize.shared_pool_threads() == 2
+options = ort_optimize.session_options(3, spinning=False)
+assert not options.use_per_session_threads
+with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: the shared pool spins
+    options.get_session_config_entry("session.intra_op.allow_spinning")
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+x = np.array([-1, 0, 2, -3], dtype=np.float32)
+np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))
+# A session with a pool of its own is what ONNX Runtime refuses once the shared pool exists.
+with pytest.raises(Exception, match="use_per_session_threads must be false"):
+    onnxruntime.InferenceSession(model, onnxruntime.SessionOptions(), providers=["CPUExecutionProvider"])
+print("shared pool ok")
+"""
+
+
+def test_shared_thread_pool_in_a_fresh_process():
+    result = subprocess.run([sys.executable, "-c", SHARED_POOL_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "shared pool ok" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
 # --- benchmarks/gpu_check.sh --------------------------------------------------------------------------
