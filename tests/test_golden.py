@@ -111,6 +111,13 @@ def loaded_case(config: str, salt: str) -> tuple[dict, deris.DeRIS, dict[str, to
     return manifest, model, state, report
 
 
+@pytest.fixture(scope="module", params=CONFIGS)
+def config(request: pytest.FixtureRequest) -> str:
+    """A module-scoped parameter: pytest runs every test of one config before the next, so each
+    model is built and loaded once (loaded_case keeps one at a time)."""
+    return str(request.param)
+
+
 def cases(config: str) -> list[tuple[dict[str, np.ndarray], dict]]:
     """Every golden case of ``config`` with its metadata (its own weight salt among it); a config
     without any case fails rather than passing vacuously."""
@@ -120,7 +127,6 @@ def cases(config: str) -> list[tuple[dict[str, np.ndarray], dict]]:
     return found
 
 
-@pytest.mark.parametrize("config", CONFIGS)
 def test_manifest_weights_load_strictly(config):
     for _, meta in cases(config):
         manifest, model, state, report = loaded_case(config, meta["weight_salt"])
@@ -148,7 +154,6 @@ def test_manifest_weights_load_strictly(config):
             assert torch.equal(loaded[ours], state[official]), official
 
 
-@pytest.mark.parametrize("config", CONFIGS)
 def test_encoders_match_official(config):
     for golden, meta in cases(config):
         _, model, _, _ = loaded_case(config, meta["weight_salt"])
@@ -157,7 +162,6 @@ def test_encoders_match_official(config):
         assert_golden(golden, produced)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
 def test_decoder_official_batch_matches_official(config):
     for golden, meta in cases(config):
         _, model, _, _ = loaded_case(config, meta["weight_salt"])
@@ -166,7 +170,6 @@ def test_decoder_official_batch_matches_official(config):
         assert_golden(golden, produced)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
 def test_per_sample_matches_official_batch_of_one(config):
     for golden, meta in cases(config):
         _, model, _, _ = loaded_case(config, meta["weight_salt"])
