@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -259,6 +260,7 @@ def test_the_demo_model_sweep_on_the_cpu(tmp_path):
     points = {(r["backend"], r["stage"], r["resolution"]) for r in rows}
     assert points == {(b, s, px) for b in ("torch", "onnxruntime") for s in latency.STAGES for px in ("288", "416")}
     assert all(r["error"] == "" and float(r["p50_ms"]) > 0 for r in rows)
+    assert all(math.isfinite(float(r["speedup"])) for r in rows if r["backend"] == "onnxruntime")
     report = (out / "latency.md").read_text()
     assert "deris-demo.safetensors" in report and "seeded random" not in report
     assert "- CPU memory: glibc malloc keeps freed memory (--malloc keep)" in report

@@ -421,14 +421,15 @@ def golden_b_export(golden_b, tmp_path_factory) -> Callable[[str], OnnxPipeline]
 
 
 class MixedPipeline(OnnxPipeline):
-    """An export's pipeline whose perception graph comes from another export."""
+    """An export's pipeline whose perception graph comes from another export; the other graphs run
+    in ``base``'s own sessions (opened once)."""
 
     def __init__(self, base: OnnxPipeline, perception: OnnxPipeline) -> None:
         super().__init__(base.directory)
-        self.perception = perception
+        self.base, self.perception = base, perception
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.perception.run(graph, feeds) if graph == "perception" else super().run(graph, feeds)
+        return (self.perception if graph == "perception" else self.base).run(graph, feeds)
 
 
 @pytest.mark.slow
