@@ -7,6 +7,8 @@ defined. The fixtures below are built lazily, once per run, by the tests that as
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -18,37 +20,79 @@ import pytest  # noqa: E402
 
 pytest.register_assert_rewrite("tis")  # before its import: the helpers' asserts explain themselves
 
+from background import Background  # noqa: E402
 from spm import train_sentencepiece  # noqa: E402
 from tis import MAX_BATCH_SIZE, PRESET, QUEUE_DELAY_US, TinyExport, free_port  # noqa: E402
 
+BACKGROUND = pytest.StashKey[Background]()
+# The session fixtures whose exports tests/exports.py makes in the background, and its names for them.
+EXPORTS = {"tiny_export": "tiny", "tiny_plugin_export": "tiny_plugin", "demo_export": "demo"}
+
+
+def background_jobs(directory: Path) -> dict[str, list[str]]:
+    script = str(Path(__file__).with_name("exports.py"))
+    return {fixture: [sys.executable, script, name, str(directory / name)] for fixture, name in EXPORTS.items()}
+
+
+def _exported(background: Background, fixture: str) -> Path:
+    result = background.result(fixture)
+    assert result.returncode == 0, f"tests/exports.py {EXPORTS[fixture]} failed:\n{result.stderr[-6000:]}"
+    return background.directory / EXPORTS[fixture]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the background jobs (tests/background.py) that the selected tests' fixtures need, in the
+    order the tests need them. A job named ``F`` or ``F:...`` is for the fixture ``F``."""
+    items = [item for item in session.items if isinstance(item, pytest.Function)]
+    declared: dict[str, list[str]] = {}
+    directory = Path(tempfile.mkdtemp(prefix="deris-background-"))
+    for module in dict.fromkeys([sys.modules[__name__], *(item.module for item in items)]):
+        if hasattr(module, "background_jobs"):
+            declared.update(module.background_jobs(directory))
+    first_use = {}
+    for index, item in enumerate(items):
+        for fixture in item.fixturenames:
+            first_use.setdefault(fixture, index)
+    wanted = sorted((first_use[key.split(":")[0]], key) for key in declared if key.split(":")[0] in first_use)
+    background = session.config.stash[BACKGROUND] = Background(directory)
+    for _, key in wanted:
+        background.start(key, declared[key])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if BACKGROUND in session.config.stash:
+        session.config.stash[BACKGROUND].close()
+
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
-    import torch
+def background(request: pytest.FixtureRequest) -> Background:
+    return request.config.stash[BACKGROUND]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(background: Background, tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    import exports
 
     import deris
-    from deris.export.onnx_export import ExportOptions, export_onnx
 
     folder = tmp_path_factory.mktemp("deris_tiny")
-    torch.manual_seed(0)
-    model = deris.build_model(PRESET)
-    checkpoint = deris.save_checkpoint(model, folder / "deris_tiny.safetensors")
-    onnx_dir = export_onnx(
-        model, folder / "onnx", ExportOptions(model.cfg.image_size, msda="gridsample", precision="fp32"), progress=False
-    )
-    return TinyExport(checkpoint, onnx_dir, train_sentencepiece(folder / "spm"))
+    # The background export's weights (the same seed).
+    checkpoint = deris.save_checkpoint(exports.tiny_model(), folder / "deris_tiny.safetensors")
+    return TinyExport(checkpoint, _exported(background, "tiny_export"), train_sentencepiece(folder / "spm"))
 
 
 @pytest.fixture(scope="session")
-def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_plugin_export(background: Background) -> Path:
+    """The same model (seed 0) with TensorRT's MSDA plugin nodes instead of GridSample: every graph,
+    fp32, at the preset's 128 px."""
+    return _exported(background, "tiny_plugin_export")
+
+
+@pytest.fixture(scope="session")
+def demo_export(background: Background) -> Path:
     """The shipped demo model exported as ``deris-export onnx`` does by default (every graph at its
     preset's resolution, fp32, GridSample MSDA, ONNX Runtime's optimised graphs beside them)."""
-    from deris.demo import demo_paths, load_demo_predictor
-    from deris.export.onnx_export import ExportOptions, export_onnx
-
-    model = load_demo_predictor().model
-    options = ExportOptions(model.cfg.image_size, weights=demo_paths()[0].name)
-    return export_onnx(model, tmp_path_factory.mktemp("deris_demo") / "onnx", options, progress=False)
+    return _exported(background, "demo_export")
 
 
 @pytest.fixture(scope="session")

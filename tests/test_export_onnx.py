@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import exports
 import numpy as np
 import onnx
 import pytest
@@ -43,8 +44,8 @@ GRAPH_NAMES = pipeline_topology(deris.get_config(TINY), TINY_RESOLUTION).graph_n
 
 @pytest.fixture(scope="module")
 def tiny_model() -> deris.DeRIS:
-    torch.manual_seed(0)
-    return deris.build_model(TINY)
+    """The weights of the session's tiny exports (conftest.py)."""
+    return exports.tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,9 @@ def gridsample_export(tiny_export) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plugin_export(tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "tiny-plugin"
-    return export_onnx(tiny_model, out, ExportOptions(TINY_RESOLUTION, msda="trt-plugin"), progress=False)
+def plugin_export(tiny_plugin_export) -> Path:
+    """The session's deris-tiny export with TensorRT's MSDA plugin (conftest.py): tiny_model's weights."""
+    return tiny_plugin_export
 
 
 def assert_all_pass(checks, graphs, unoptimized=()) -> None:

@@ -6,20 +6,18 @@ over 256 channels at 96x96) and compiles each with Triton's bundled ptxas, for f
 and bfloat16. A compile error, a register spill or any local memory fails.
 
 The compiler runs in subprocesses without TRITON_INTERPRET (this test process defines the
-kernels for the interpreter, whose block sizes differ), one per (architecture, dtype), as many at
-once as there are CPUs. About four CPU-minutes when Triton's cache is cold (two minutes on two
-cores), seconds when warm.
+kernels for the interpreter, whose block sizes differ), one per (architecture, dtype), started
+beside the other tests when the session starts (tests/background.py). About eight CPU-minutes
+when Triton's cache is cold, seconds when warm.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import itertools
 import json
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,22 +38,20 @@ MSDA_KERNELS = MSDA_FORWARD_KERNELS | MSDA_BACKWARD_KERNELS
 MASK_POOL_KERNELS = {"_mask_pool_forward_kernel", "_mask_pool_grad_logits_kernel", "_mask_pool_grad_features_kernel"}
 
 
+def background_jobs(directory: Path) -> dict[str, list[str]]:
+    return {f"compiled:{arch}-{dtype}": [sys.executable, "-m", "deris.kernels.aot", "--arch", arch, "--dtypes", dtype,
+                                    "--json", str(directory / f"aot-{arch}-{dtype}.json")]
+            for arch, dtype in itertools.product(ARCHS, DTYPES)}
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> list[dict]:
-    directory = tmp_path_factory.mktemp("aot")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-
-    def compile_for(job: tuple[str, str]) -> list[dict]:
-        arch, dtype = job
-        out = directory / f"{arch}-{dtype}.json"
-        result = subprocess.run([sys.executable, "-m", "deris.kernels.aot", "--arch", arch, "--dtypes", dtype,
-                                 "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+def compiled(background) -> list[dict]:
+    records = []
+    for arch, dtype in itertools.product(ARCHS, DTYPES):
+        result = background.result(f"compiled:{arch}-{dtype}")
         assert result.returncode == 0, f"compiling for {arch} {dtype} failed:\n{result.stderr[-6000:]}"
-        return json.loads(out.read_text())
-
-    # Compiling is CPU-bound and single-threaded per process: one process per (arch, dtype).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return [record for records in pool.map(compile_for, itertools.product(ARCHS, DTYPES)) for record in records]
+        records += json.loads((background.directory / f"aot-{arch}-{dtype}.json").read_text())
+    return records
 
 
 def test_every_kernel_compiles_for_every_arch_dtype_and_shape(compiled):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,17 +25,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import exports
 import numpy as np
 import onnx
 import pytest
 import torch
+from background import Background
 from onnx import TensorProto, helper
 from tis import TinyExport
 
 import deris
 from deris.cli_support import CheckFailed
 from deris.export import cli, tensorrt_build, triton_plugin
-from deris.export.onnx_export import ExportOptions, export_onnx
 from deris.export.tensorrt_build import (
     TrtRequest,
     check_engines,
@@ -52,19 +52,9 @@ TINY = "deris-tiny"
 
 
 @pytest.fixture(scope="module")
-def plugin_perception(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """deris-tiny's perception graph with TensorRT's MSDA plugin nodes (fp32)."""
-    torch.manual_seed(0)
-    model = deris.build_model(TINY)
-    out = tmp_path_factory.mktemp("trt") / "plugin"
-    return export_onnx(model, out, ExportOptions(128, msda="trt-plugin", graphs=("perception",)), progress=False)
-
-
-@pytest.fixture(scope="module")
 def tiny_model() -> deris.DeRIS:
-    """The weights of the session's ``tiny_export`` (seed 0)."""
-    torch.manual_seed(0)
-    return deris.build_model(TINY)
+    """The weights of the session's tiny exports (conftest.py)."""
+    return exports.tiny_model()
 
 
 # --- preflight -----------------------------------------------------------------------------------
@@ -156,18 +146,18 @@ def test_preflight_plugins(tmp_path: Path) -> None:
         FAIL, "acme::Mystery is not a plugin this project builds")
 
 
-def test_preflight_of_exported_graphs_and_cli(plugin_perception: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rows = preflight(plugin_perception, TrtTarget.parse("10.13.0.35"), (1, 2, 8), "2")
+def test_preflight_of_exported_graphs_and_cli(tiny_plugin_export: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = preflight(tiny_plugin_export, TrtTarget.parse("10.13.0.35"), (1, 2, 8), "2")
     assert rows[0].detail == "TensorRT 10.13" and all(r.status == PASS for r in rows), rows
     assert {r.check for r in rows[1:]} == {"opset", "operators", "dtypes", "restrictions", "dynamic dims", "size", "plugins"}
-    newer = preflight(plugin_perception, TrtTarget.parse("11.4"), (1, 1, 8), "2")
+    newer = preflight(tiny_plugin_export, TrtTarget.parse("11.4"), (1, 1, 8), "2")
     assert newer[0].status == WARN and "checked with 10.15's rules" in newer[0].detail
-    assert cli.main(["trt", "--onnx", str(plugin_perception), "--check-only", "--quiet"]) == 0
+    assert cli.main(["trt", "--onnx", str(tiny_plugin_export), "--check-only", "--quiet"]) == 0
     assert "preflight passed for TensorRT 10.13" in capsys.readouterr().out
-    assert cli.main(["trt", "--onnx", str(plugin_perception), "--check-only", "--trt-version", "10.9"]) == 1
+    assert cli.main(["trt", "--onnx", str(tiny_plugin_export), "--check-only", "--trt-version", "10.9"]) == 1
     captured = capsys.readouterr()
     assert "version 2 needs TensorRT >= 10.11" in captured.out and "preflight check(s) failed" in captured.err
-    assert cli.main(["trt", "--onnx", str(plugin_perception), "--check-only", "--trt-version", "10.9",
+    assert cli.main(["trt", "--onnx", str(tiny_plugin_export), "--check-only", "--trt-version", "10.9",
                      "--plugin-version", "1"]) == 0
 
 
@@ -182,9 +172,9 @@ def test_preflight_of_exported_graphs_and_cli(plugin_perception: Path, capsys: p
         (["--onnx", "{export}", "--trt-version", "ten", "--check-only"], "TensorRT version must look like 10.13"),
     ],
 )
-def test_cli_refuses_bad_requests(plugin_perception: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_cli_refuses_bad_requests(tiny_plugin_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                   args: list[str], message: str) -> None:
-    argv = [a.format(export=plugin_perception, tmp=tmp_path) for a in args]
+    argv = [a.format(export=tiny_plugin_export, tmp=tmp_path) for a in args]
     assert cli.main(["trt", *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -376,7 +366,7 @@ def test_build_orchestration(tiny_export: TinyExport, recorder: Recorder, tmp_pa
     assert (repo / "round_1" / "1" / "model.plan").read_bytes() == b"plan of round_1"
 
 
-def test_plugin_version_is_the_builds(plugin_perception: Path, recorder: Recorder, tmp_path: Path) -> None:
+def test_plugin_version_is_the_builds(tiny_plugin_export: Path, recorder: Recorder, tmp_path: Path) -> None:
     from deris.export.msda import PLUGIN_OP
 
     def versions(data: bytes) -> set[str]:
@@ -384,12 +374,12 @@ def test_plugin_version_is_the_builds(plugin_perception: Path, recorder: Recorde
         return {a.s.decode() for n in model.graph.node if n.op_type == PLUGIN_OP for a in n.attribute
                 if a.name == "plugin_version"}
 
-    path = plugin_perception / "perception.onnx"
+    path = tiny_plugin_export / "perception.onnx"
     assert versions(path.read_bytes()) == {"1"}  # as exported
     assert versions(network_bytes(path, "2")) == {"2"}
     out = tmp_path / "engines"
-    run_trt(TrtRequest(out=out, onnx=plugin_perception, max_batch=2), progress=False, engines=ort_engines)
-    (build,) = recorder.builds
+    run_trt(TrtRequest(out=out, onnx=tiny_plugin_export, max_batch=2), progress=False, engines=ort_engines)
+    (build,) = [b for b in recorder.builds if b["graph"] == "perception"]
     assert versions(build["data"]) == {"2"} and build["cleared"] == ["tf32"]
     assert json.loads((out / "manifest.json").read_text())["tensorrt"]["msda_plugin"] == {
         "name": "MultiscaleDeformableAttnPlugin_TRT", "version": "2"}
@@ -480,12 +470,15 @@ print(json.dumps(out))
 AOT_SHAPES = [(336, 336, 8, 32, 3, 4), (3024, 3024, 8, 32, 3, 4), (41, 50, 4, 16, 2, 2)]
 
 
+def background_jobs(directory: Path) -> dict[str, list[str]]:
+    return {"aot_results": [sys.executable, "-c", AOT_SCRIPT, json.dumps(AOT_SHAPES)]}
+
+
 @pytest.fixture(scope="module")
-def aot_results() -> list[dict[str, Any]]:
-    """Compiled in a process without TRITON_INTERPRET: this one defines the kernels for the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps(AOT_SHAPES)], env=env, capture_output=True,
-                            text=True, timeout=900)
+def aot_results(background: Background) -> list[dict[str, Any]]:
+    """Compiled beside the other tests (tests/background.py), without TRITON_INTERPRET: this process
+    defines the kernels for the interpreter."""
+    result = background.result("aot_results")
     assert result.returncode == 0, result.stderr[-4000:]
     data: list[dict[str, Any]] = json.loads(result.stdout)
     return data
