@@ -58,6 +58,9 @@ class Background:
     def result(self, key: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """The finished job (its exit code is the caller's to check), waiting at most ``timeout``
         seconds from now; a job that takes longer is killed and the test fails."""
+        if key not in self._jobs:
+            raise KeyError(f"background job {key!r} was not started: only fixtures that tests name as "
+                           "parameters start their jobs (not request.getfixturevalue)")
         try:
             return self._jobs[key].result(timeout=timeout)
         except concurrent.futures.TimeoutError:

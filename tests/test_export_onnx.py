@@ -471,7 +471,7 @@ def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, golden_b_ex
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_demo_model_masks_survive_export(request, tmp_path, precision):
+def test_demo_model_masks_survive_export(demo_export, tmp_path, precision):
     """The shipped demo model on its own kind of images: the ONNX Runtime pipeline's masks match
     PyTorch float32 (IoU >= 0.99 per sample) with the same no-target decisions."""
     from deris.demo import load_demo_predictor
@@ -479,7 +479,7 @@ def test_demo_model_masks_survive_export(request, tmp_path, precision):
     model = load_demo_predictor().model
     cfg = model.cfg
     if precision == "fp32":  # the session's export (conftest.py), as deris-export makes it by default
-        out = request.getfixturevalue("demo_export")
+        out = demo_export
     else:
         out = export_onnx(model, tmp_path / precision, ExportOptions(cfg.image_size, precision=precision,
                                                                      graphs=("cognition", "perception", "decoder")), progress=False)
