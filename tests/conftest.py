@@ -25,19 +25,20 @@ from spm import train_sentencepiece  # noqa: E402
 from tis import MAX_BATCH_SIZE, PRESET, QUEUE_DELAY_US, TinyExport, free_port  # noqa: E402
 
 BACKGROUND = pytest.StashKey[Background]()
-# The session fixtures whose exports tests/exports.py makes in the background, and its names for them.
-EXPORTS = {"tiny_export": "tiny", "tiny_plugin_export": "tiny_plugin", "demo_export": "demo"}
 
 
 def background_jobs(directory: Path) -> dict[str, list[str]]:
+    """The session exports, made by tests/exports.py."""
+    import exports
+
     script = str(Path(__file__).with_name("exports.py"))
-    return {fixture: [sys.executable, script, name, str(directory / name)] for fixture, name in EXPORTS.items()}
+    return {fixture: [sys.executable, script, fixture, str(directory / fixture)] for fixture in exports.FIXTURES}
 
 
 def _exported(background: Background, fixture: str) -> Path:
     result = background.result(fixture)
-    assert result.returncode == 0, f"tests/exports.py {EXPORTS[fixture]} failed:\n{result.stderr[-6000:]}"
-    return background.directory / EXPORTS[fixture]
+    assert result.returncode == 0, f"tests/exports.py {fixture} failed:\n{result.stderr[-6000:]}"
+    return background.directory / fixture
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
