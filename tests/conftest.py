@@ -25,6 +25,7 @@ from spm import train_sentencepiece  # noqa: E402
 from tis import MAX_BATCH_SIZE, PRESET, QUEUE_DELAY_US, TinyExport, free_port  # noqa: E402
 
 BACKGROUND = pytest.StashKey[Background]()
+DECLARED = pytest.StashKey[dict[str, list[str]]]()
 
 
 def background_jobs(directory: Path) -> dict[str, list[str]]:
@@ -41,23 +42,39 @@ def _exported(background: Background, fixture: str) -> Path:
     return background.directory / fixture
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the background jobs (tests/background.py) that the selected tests' fixtures need, in the
-    order the tests need them. A job named ``F`` or ``F:...`` is for the fixture ``F``."""
-    items = [item for item in session.items if isinstance(item, pytest.Function)]
+def _job_fixture(key: str) -> str:
+    return key.split(":")[0]
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Declare the background jobs (tests/background.py) and run the test modules that wait for one
+    after those that do not, so that the jobs have the other modules' time to finish in. A job named
+    ``F`` or ``F:...`` is for the fixture ``F``."""
     declared: dict[str, list[str]] = {}
     directory = Path(tempfile.mkdtemp(prefix="deris-background-"))
-    for module in dict.fromkeys([sys.modules[__name__], *(item.module for item in items)]):
+    for module in dict.fromkeys([sys.modules[__name__], *(item.module for item in items if isinstance(item, pytest.Function))]):
         if hasattr(module, "background_jobs"):
             declared.update(module.background_jobs(directory))
-    first_use = {}
-    for index, item in enumerate(items):
-        for fixture in item.fixturenames:
+    config.stash[BACKGROUND] = Background(directory)
+    config.stash[DECLARED] = declared
+    fixtures = {_job_fixture(key) for key in declared}
+    waits = {item.getparent(pytest.Module) for item in items if fixtures & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: item.getparent(pytest.Module) in waits)  # stable: each group keeps its order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the background jobs that the selected tests' fixtures need, in the order the tests need them."""
+    if BACKGROUND not in session.config.stash or session.config.option.collectonly:
+        return
+    first_use: dict[str, int] = {}
+    for index, item in enumerate(session.items):
+        for fixture in getattr(item, "fixturenames", ()):
             first_use.setdefault(fixture, index)
-    wanted = sorted((first_use[key.split(":")[0]], key) for key in declared if key.split(":")[0] in first_use)
-    background = session.config.stash[BACKGROUND] = Background(directory)
+    declared = session.config.stash[DECLARED]
+    wanted = sorted((first_use[_job_fixture(key)], key) for key in declared if _job_fixture(key) in first_use)
     for _, key in wanted:
-        background.start(key, declared[key])
+        session.config.stash[BACKGROUND].start(key, declared[key])
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -94,6 +111,12 @@ def demo_export(background: Background) -> Path:
     """The shipped demo model exported as ``deris-export onnx`` does by default (every graph at its
     preset's resolution, fp32, GridSample MSDA, ONNX Runtime's optimised graphs beside them)."""
     return _exported(background, "demo_export")
+
+
+@pytest.fixture(scope="session")
+def demo_fp16_export(background: Background) -> Path:
+    """The shipped demo model's fp16 graphs, those the fused pipeline runs (cognition, perception, decoder)."""
+    return _exported(background, "demo_fp16_export")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The session's ONNX exports (conftest.py's ``tiny_export``, ``tiny_plugin_export`` and
-``demo_export``), made in background jobs (tests/background.py) while the first tests run:
+"""The session's ONNX exports (conftest.py's ``tiny_export``, ``tiny_plugin_export``, ``demo_export``
+and ``demo_fp16_export``), made in background jobs (tests/background.py) while the first tests run:
 ``python tests/exports.py FIXTURE OUT``. Each takes one to three single-threaded CPU-minutes.
 """
 
@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The session fixtures whose exports this script makes, and the MSDA representation of the tiny ones.
+# The session fixtures whose exports this script makes: the MSDA representation of the tiny ones, the
+# precision of the demo model's.
 # conftest.py reads them at every session's start, so torch and deris are imported only on use.
 TINY_EXPORTS = {"tiny_export": "gridsample", "tiny_plugin_export": "trt-plugin"}
-FIXTURES = (*TINY_EXPORTS, "demo_export")
+DEMO_EXPORTS = {"demo_export": "fp32", "demo_fp16_export": "fp16"}
+FIXTURES = (*TINY_EXPORTS, *DEMO_EXPORTS)
 
 
 def tiny_model() -> Any:
@@ -29,11 +31,14 @@ def tiny_model() -> Any:
 def export(fixture: str, out: Path) -> Path:
     from deris.export.onnx_export import ExportOptions, export_onnx
 
-    if fixture == "demo_export":  # as `deris-export onnx` makes it by default
+    if fixture in DEMO_EXPORTS:  # fp32: as `deris-export onnx` makes it by default; fp16: the graphs the pipeline runs
         from deris.demo import demo_paths, load_demo_predictor
 
         model = load_demo_predictor().model
-        return export_onnx(model, out, ExportOptions(model.cfg.image_size, weights=demo_paths()[0].name), progress=False)
+        precision = DEMO_EXPORTS[fixture]
+        graphs = None if precision == "fp32" else ("cognition", "perception", "decoder")
+        options = ExportOptions(model.cfg.image_size, precision=precision, graphs=graphs, weights=demo_paths()[0].name)
+        return export_onnx(model, out, options, progress=False)
     model = tiny_model()
     options = ExportOptions(model.cfg.image_size, msda=TINY_EXPORTS[fixture], precision="fp32")
     return export_onnx(model, out, options, progress=False)

@@ -213,16 +213,23 @@ def test_round_chain_reproduces_decoder_and_model(gridsample_export, plugin_expo
     assert (masks != ref_masks).float().mean() < 1e-3
 
 
-def test_cli_fp16_plugin_export(tmp_path, capsys):
-    out = tmp_path / "fp16"
-    code = cli.main([
-        "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin", "--precision", "fp16",
-        "--graphs", "perception", "--out", str(out), "--quiet",
-    ])
-    captured = capsys.readouterr()
-    assert code == 0, captured.out + captured.err
-    assert "RANDOM weights" in captured.err
-    assert "verification passed" in captured.out and "FAIL" not in captured.out
+def background_jobs(directory: Path) -> dict[str, list[str]]:
+    """The fp16 plugin export through the command line, run beside the other tests (tests/background.py)."""
+    return {"cli_fp16_plugin_export": [
+        sys.executable, "-m", "deris.export.cli", "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin",
+        "--precision", "fp16", "--graphs", "perception", "--out", str(directory / "cli_fp16"), "--quiet"]}
+
+
+@pytest.fixture(scope="module")
+def cli_fp16_plugin_export(background) -> subprocess.CompletedProcess[str]:
+    return background.result("cli_fp16_plugin_export")
+
+
+def test_cli_fp16_plugin_export(background, cli_fp16_plugin_export):
+    result, out = cli_fp16_plugin_export, background.directory / "cli_fp16"
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "RANDOM weights" in result.stderr
+    assert "verification passed" in result.stdout and "FAIL" not in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "fp16" and list(manifest["graphs"]) == ["perception"]
     entry = manifest["graphs"]["perception"]
@@ -471,18 +478,15 @@ def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, golden_b_ex
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_demo_model_masks_survive_export(demo_export, tmp_path, precision):
+def test_demo_model_masks_survive_export(demo_export, demo_fp16_export, precision):
     """The shipped demo model on its own kind of images: the ONNX Runtime pipeline's masks match
-    PyTorch float32 (IoU >= 0.99 per sample) with the same no-target decisions."""
+    PyTorch float32 (IoU >= 0.99 per sample) with the same no-target decisions. The exports are the
+    session's (tests/exports.py); fp32 is as deris-export makes it by default."""
     from deris.demo import load_demo_predictor
 
     model = load_demo_predictor().model
     cfg = model.cfg
-    if precision == "fp32":  # the session's export (conftest.py), as deris-export makes it by default
-        out = demo_export
-    else:
-        out = export_onnx(model, tmp_path / precision, ExportOptions(cfg.image_size, precision=precision,
-                                                                     graphs=("cognition", "perception", "decoder")), progress=False)
+    out = {"fp32": demo_export, "fp16": demo_fp16_export}[precision]
     inputs = synthetic_inputs(cfg, cfg.image_size, batch=6, seed=3)
     produced = OnnxPipeline(out)({k: v.numpy() for k, v in inputs.items()})
     with torch.inference_mode():

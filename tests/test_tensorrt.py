@@ -183,27 +183,45 @@ def test_cli_refuses_bad_requests(tiny_plugin_export: Path, tmp_path: Path, caps
 # --- TensorRT absent -----------------------------------------------------------------------------
 
 
-def test_without_tensorrt_exports_checks_and_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    # What tensorrt-stubs leaves in site-packages: `import tensorrt` finds an empty namespace package.
-    stubs = tmp_path / "stubs"
-    (stubs / "tensorrt").mkdir(parents=True)
-    (stubs / "tensorrt" / "__init__.pyi").write_text("")
-    monkeypatch.syspath_prepend(str(stubs))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
-    out = tmp_path / "engines"
-    code = cli.main(["trt", "--preset", TINY, "--random-weights", "--resolution", "64", "--precision", "fp16",
-                     "--out", str(out), "--quiet"])
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    assert "ONNX verification passed" in captured.out and "preflight passed for TensorRT 10.13" in captured.out
-    assert "TensorRT is not installed here" in captured.err and "pip install tensorrt-cu12" in captured.err
-    assert f"are in {out / 'onnx'}" in captured.err and f"--onnx {out / 'onnx'} --out {out} --force" in captured.err
+# `deris-export trt` where `import tensorrt` finds what tensorrt-stubs leaves in site-packages (an
+# empty namespace package), run beside the other tests (tests/background.py): argv[1] is the folder
+# that receives the stubs and the output, argv[2:] the command line.
+NO_TENSORRT_SCRIPT = r"""
+import sys
+from pathlib import Path
+stubs = Path(sys.argv[1]) / "stubs"
+(stubs / "tensorrt").mkdir(parents=True)
+(stubs / "tensorrt" / "__init__.pyi").write_text("")
+sys.path.insert(0, str(stubs))
+from deris.export import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def no_tensorrt_job(directory: Path) -> list[str]:
+    folder = directory / "without_tensorrt"
+    return [sys.executable, "-c", NO_TENSORRT_SCRIPT, str(folder), "trt", "--preset", TINY, "--random-weights",
+            "--resolution", "64", "--precision", "fp16", "--out", str(folder / "engines"), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def without_tensorrt(background: Background) -> subprocess.CompletedProcess[str]:
+    return background.result("without_tensorrt")
+
+
+def test_without_tensorrt_exports_checks_and_exits_2(background: Background,
+                                                     without_tensorrt: subprocess.CompletedProcess[str]) -> None:
+    result, folder = without_tensorrt, background.directory / "without_tensorrt"
+    out = folder / "engines"
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "ONNX verification passed" in result.stdout and "preflight passed for TensorRT 10.13" in result.stdout
+    assert "TensorRT is not installed here" in result.stderr and "pip install tensorrt-cu12" in result.stderr
+    assert f"are in {out / 'onnx'}" in result.stderr and f"--onnx {out / 'onnx'} --out {out} --force" in result.stderr
     # The verified export is there; no engines, no engine manifest, no staging folders.
     assert sorted(p.name for p in out.iterdir()) == ["onnx"]
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
     assert (manifest["precision"], manifest["msda"], manifest["resolution"]) == ("fp16", "trt-plugin", 64)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines", "stubs"]
+    assert sorted(p.name for p in folder.iterdir()) == ["engines", "stubs"]
 
 
 # --- the build, with a recording stand-in for TensorRT -------------------------------------------
@@ -471,7 +489,8 @@ AOT_SHAPES = [(336, 336, 8, 32, 3, 4), (3024, 3024, 8, 32, 3, 4), (41, 50, 4, 16
 
 
 def background_jobs(directory: Path) -> dict[str, list[str]]:
-    return {"aot_results": [sys.executable, "-c", AOT_SCRIPT, json.dumps(AOT_SHAPES)]}
+    return {"aot_results": [sys.executable, "-c", AOT_SCRIPT, json.dumps(AOT_SHAPES)],
+            "without_tensorrt": no_tensorrt_job(directory)}
 
 
 @pytest.fixture(scope="module")
