@@ -1,10 +1,12 @@
 """Compile jobs that run beside the tests, started as soon as the session knows its tests.
 
-Compiling the Triton kernels for sm_80 and sm_90 and exporting the session's models take minutes
-of single-threaded CPU, while most of the suite keeps only one of the CI machine's two cores busy.
+Compiling the Triton kernels for sm_80 and sm_90, exporting the session's models and a few
+command-line checks (the demo sweep, ``deris-export trt`` without TensorRT) take minutes of
+single-threaded CPU, while most of the suite keeps only one of the CI machine's two cores busy.
 A module (conftest.py or a test module) declares such jobs in a module-level
 ``background_jobs(directory) -> {name: argv}``, a job named ``F`` or ``F:...`` being for the
-fixture ``F``. After collection conftest.py starts the jobs whose fixtures the selected tests use,
+fixture ``F``. conftest.py runs the test modules that use such a fixture after the others, and
+after collection it starts the jobs whose fixtures the selected tests use,
 in the order the tests first need them, at the lowest CPU priority (they take idle time, not the
 tests'); the fixture waits for its job with :meth:`Background.result`. Jobs still running when the
 session ends are killed.
