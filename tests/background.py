@@ -12,7 +12,8 @@ tests'); the fixture waits for its job with :meth:`Background.result`. Jobs stil
 session ends are killed.
 
 The jobs run without ``TRITON_INTERPRET``, which conftest.py sets for the test process: the
-kernel compiles need the real compiler, and exporting never runs a kernel.
+kernel compiles need the real compiler, exporting never runs a kernel, and the command-line
+checks run as a user's shell runs them (on the CPU, PyTorch's kernels).
 """
 
 from __future__ import annotations
