@@ -5,7 +5,7 @@ command-line checks (the demo sweep, ``deris-export trt`` without TensorRT) take
 single-threaded CPU, while most of the suite keeps only one of the CI machine's two cores busy.
 A module (conftest.py or a test module) declares such jobs in a module-level
 ``background_jobs(directory) -> {name: argv}``, a job named ``F`` or ``F:...`` being for the
-fixture ``F``. conftest.py runs the test modules that use such a fixture after the others, and
+fixture ``F`` and writing what it makes into ``directory / name`` (:meth:`Background.folder`). conftest.py runs the test modules that use such a fixture after the others, and
 after collection it starts the jobs whose fixtures the selected tests use,
 in the order the tests first need them, at the lowest CPU priority (they take idle time, not the
 tests'); the fixture waits for its job with :meth:`Background.result`. Jobs still running when the
@@ -57,6 +57,10 @@ class Background:
             with self._lock:
                 self._running.pop(key, None)
         return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+    def folder(self, key: str) -> Path:
+        """Where job ``key`` writes its files, by convention: ``directory / key``."""
+        return self.directory / key
 
     def result(self, key: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """The finished job (its exit code is the caller's to check), waiting at most ``timeout``

@@ -39,7 +39,7 @@ def background_jobs(directory: Path) -> dict[str, list[str]]:
 def _exported(background: Background, fixture: str) -> Path:
     result = background.result(fixture)
     assert result.returncode == 0, f"tests/exports.py {fixture} failed:\n{result.stderr[-6000:]}"
-    return background.directory / fixture
+    return background.folder(fixture)
 
 
 def _job_fixture(key: str) -> str:

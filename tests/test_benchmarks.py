@@ -260,7 +260,7 @@ def background_jobs(directory: Path) -> dict[str, list[str]]:
 def demo_sweep(background) -> Path:
     result = background.result("demo_sweep")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return background.directory / "demo_sweep"
+    return background.folder("demo_sweep")
 
 
 def test_the_demo_model_sweep_on_the_cpu(demo_sweep):

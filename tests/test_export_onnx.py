@@ -217,7 +217,7 @@ def background_jobs(directory: Path) -> dict[str, list[str]]:
     """The fp16 plugin export through the command line, run beside the other tests (tests/background.py)."""
     return {"cli_fp16_plugin_export": [
         sys.executable, "-m", "deris.export.cli", "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin",
-        "--precision", "fp16", "--graphs", "perception", "--out", str(directory / "cli_fp16"), "--quiet"]}
+        "--precision", "fp16", "--graphs", "perception", "--out", str(directory / "cli_fp16_plugin_export"), "--quiet"]}
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def cli_fp16_plugin_export(background) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_fp16_plugin_export(background, cli_fp16_plugin_export):
-    result, out = cli_fp16_plugin_export, background.directory / "cli_fp16"
+    result, out = cli_fp16_plugin_export, background.folder("cli_fp16_plugin_export")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "RANDOM weights" in result.stderr
     assert "verification passed" in result.stdout and "FAIL" not in result.stdout

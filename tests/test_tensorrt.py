@@ -211,7 +211,7 @@ def without_tensorrt(background: Background) -> subprocess.CompletedProcess[str]
 
 def test_without_tensorrt_exports_checks_and_exits_2(background: Background,
                                                      without_tensorrt: subprocess.CompletedProcess[str]) -> None:
-    result, folder = without_tensorrt, background.directory / "without_tensorrt"
+    result, folder = without_tensorrt, background.folder("without_tensorrt")
     out = folder / "engines"
     assert result.returncode == 2, result.stderr[-4000:]
     assert "ONNX verification passed" in result.stdout and "preflight passed for TensorRT 10.13" in result.stdout
