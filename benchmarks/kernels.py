@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 import deris.kernels as kernels
+from deris.atomic import atomic_write
 from deris.kernels._triton_support import INTERPRETING, TRITON_AVAILABLE, triton
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -315,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(report)
     if args.out:
-        with open(args.out, "w") as file:
-            file.write(report)
+        atomic_write(args.out, report.encode())
     return 0
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import deris.kernels.aot as aot
+from deris.atomic import atomic_write
 from deris.kernels._triton_support import INTERPRETING, TRITON_AVAILABLE, triton
 from deris.kernels.aot import Instruction
 
@@ -265,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        atomic_write(args.out, report.encode())
     return 0
 
 

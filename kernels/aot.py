@@ -308,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{compiled.registers} registers, {compiled.spill_instructions} spill instructions, "
               f"{compiled.sass_instructions} SASS instructions", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
+        from deris.atomic import atomic_write
+
+        atomic_write(args.json, json.dumps(records, indent=1).encode())
     return 0
 
 
