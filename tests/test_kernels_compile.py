@@ -36,21 +36,26 @@ MSDA_FORWARD_KERNELS = {"_msda_forward_kernel", "_msda_fused_forward_kernel"}
 MSDA_BACKWARD_KERNELS = {"_msda_backward_kernel", "_msda_fused_backward_kernel"}
 MSDA_KERNELS = MSDA_FORWARD_KERNELS | MSDA_BACKWARD_KERNELS
 MASK_POOL_KERNELS = {"_mask_pool_forward_kernel", "_mask_pool_grad_logits_kernel", "_mask_pool_grad_features_kernel"}
+RECORDS = "aot.json"  # what each compile job writes into its folder
 
 
 def background_jobs(directory: Path) -> dict[str, list[str]]:
-    return {f"compiled:{arch}-{dtype}": [sys.executable, "-m", "deris.kernels.aot", "--arch", arch, "--dtypes", dtype,
-                                    "--json", str(directory / f"aot-{arch}-{dtype}.json")]
+    return {_job(arch, dtype): [sys.executable, "-m", "deris.kernels.aot", "--arch", arch, "--dtypes", dtype,
+                                "--json", str(directory / _job(arch, dtype) / RECORDS)]
             for arch, dtype in itertools.product(ARCHS, DTYPES)}
+
+
+def _job(arch: str, dtype: str) -> str:
+    return f"compiled:{arch}-{dtype}"
 
 
 @pytest.fixture(scope="module")
 def compiled(background) -> list[dict]:
     records = []
     for arch, dtype in itertools.product(ARCHS, DTYPES):
-        result = background.result(f"compiled:{arch}-{dtype}")
+        result = background.result(_job(arch, dtype))
         assert result.returncode == 0, f"compiling for {arch} {dtype} failed:\n{result.stderr[-6000:]}"
-        records += json.loads((background.directory / f"aot-{arch}-{dtype}.json").read_text())
+        records += json.loads((background.folder(_job(arch, dtype)) / RECORDS).read_text())
     return records
 
 
