@@ -1,6 +1,7 @@
 """The session's ONNX exports (conftest.py's ``tiny_export``, ``tiny_plugin_export``, ``demo_export``
-and ``demo_fp16_export``), made in background jobs (tests/background.py) while the first tests run:
-``python tests/exports.py FIXTURE OUT``. Each takes one to three single-threaded CPU-minutes.
+and ``demo_fp16_export``; test_export_onnx.py's slow ``golden_b_export:MSDA``), made in background jobs
+(tests/background.py) while the first tests run: ``python tests/exports.py JOB OUT``. Each takes one to
+three single-threaded CPU-minutes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from typing import Any
 TINY_EXPORTS = {"tiny_export": "gridsample", "tiny_plugin_export": "trt-plugin"}
 DEMO_EXPORTS = {"demo_export": "fp32", "demo_fp16_export": "fp16"}
 FIXTURES = (*TINY_EXPORTS, *DEMO_EXPORTS)
+# deris-b-grefcoco with golden case A's weights at 384: every graph with GridSample MSDA, and only the
+# perception graph with the plugin nodes, the one graph the representation changes (the tiny model's
+# test_msda_mode_changes_only_the_perception_graph).
+GOLDEN_B = "DERIS-B-grefcoco"
+GOLDEN_B_EXPORTS = {"golden_b_export:gridsample": None, "golden_b_export:trt-plugin": ("perception",)}
 
 
 def tiny_model() -> Any:
@@ -28,8 +34,26 @@ def tiny_model() -> Any:
     return deris.build_model(PRESET)
 
 
+def golden_b_model() -> Any:
+    """deris-b-grefcoco with golden case A's weights (the synthetic rule through the official-key converter)."""
+    from golden import golden_dir
+    from synthetic_weights import load_manifest, official_state_dict
+
+    import deris
+
+    manifest = load_manifest(golden_dir() / f"manifest_{GOLDEN_B}.json")
+    model = deris.build_model(GOLDEN_B)
+    deris.load_checkpoint(model, official_state_dict(manifest, manifest["weight_salts"]["caseA"], model))
+    return model
+
+
 def export(fixture: str, out: Path) -> Path:
     from deris.export.onnx_export import ExportOptions, export_onnx
+
+    if fixture in GOLDEN_B_EXPORTS:
+        msda = fixture.partition(":")[2]
+        options = ExportOptions(384, msda=msda, graphs=GOLDEN_B_EXPORTS[fixture], weights="golden")
+        return export_onnx(golden_b_model(), out, options, progress=False)
 
     if fixture in DEMO_EXPORTS:  # fp32: as `deris-export onnx` makes it by default; fp16: the graphs the pipeline runs
         from deris.demo import demo_paths, load_demo_predictor

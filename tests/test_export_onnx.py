@@ -23,7 +23,6 @@ import pytest
 import torch
 from golden import case_paths, golden_check, golden_dir
 from kernel_checks import assert_close, fused_inputs
-from synthetic_weights import load_manifest, official_state_dict
 
 import deris
 from deris.export import cli, onnx_export
@@ -214,10 +213,15 @@ def test_round_chain_reproduces_decoder_and_model(gridsample_export, plugin_expo
 
 
 def background_jobs(directory: Path) -> dict[str, list[str]]:
-    """The fp16 plugin export through the command line, run beside the other tests (tests/background.py)."""
-    return {"cli_fp16_plugin_export": [
-        sys.executable, "-m", "deris.export.cli", "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin",
-        "--precision", "fp16", "--graphs", "perception", "--out", str(directory / "cli_fp16_plugin_export"), "--quiet"]}
+    """Run beside the other tests (tests/background.py): the fp16 plugin export through the command
+    line, and the slow tests' deris-b-grefcoco exports (tests/exports.py)."""
+    script = str(Path(exports.__file__))
+    return {
+        "cli_fp16_plugin_export": [
+            sys.executable, "-m", "deris.export.cli", "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin",
+            "--precision", "fp16", "--graphs", "perception", "--out", str(directory / "cli_fp16_plugin_export"), "--quiet"],
+        **{key: [sys.executable, script, key, str(directory / key)] for key in exports.GOLDEN_B_EXPORTS},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -369,16 +373,11 @@ def test_force_replaces_and_external_data(tmp_path, tiny_model):
 # deris-b-grefcoco with the golden (synthetic official) weights against the official code's arrays
 # ------------------------------------------------------------------------------------------------
 
-B_CONFIG = "DERIS-B-grefcoco"
-
-
 @pytest.fixture(scope="module")
 def golden_b():
-    manifest = load_manifest(golden_dir() / f"manifest_{B_CONFIG}.json")
-    model = deris.build_model(B_CONFIG)
-    deris.load_checkpoint(model, official_state_dict(manifest, manifest["weight_salts"]["caseA"], model))
-    case, _ = golden_check().load_case(str(golden_dir() / f"golden_{B_CONFIG}_caseA.npz"))
-    assert case_paths(B_CONFIG)
+    model = exports.golden_b_model()
+    case, _ = golden_check().load_case(str(golden_dir() / f"golden_{exports.GOLDEN_B}_caseA.npz"))
+    assert case_paths(exports.GOLDEN_B)
     return model, case, golden_check()
 
 
@@ -406,23 +405,23 @@ def summaries(prefix: str, f: np.ndarray, channel_step: int, spatial_step: int) 
 
 
 @pytest.fixture(scope="module")
-def golden_b_export(golden_b, tmp_path_factory) -> Callable[[str], OnnxPipeline]:
-    """caseA's weights exported at 384 as a pipeline per MSDA representation, each export made once:
-    every graph with GridSample MSDA (about three minutes, 2.2 GB), and only the perception graph
-    with the plugin nodes, the one graph the representation changes (the tiny model's
-    test_msda_mode_changes_only_the_perception_graph), the others taken from the first."""
-    model = golden_b[0]
-    made: dict[str, OnnxPipeline] = {}
+def golden_b_export(background) -> Callable[[str], OnnxPipeline]:
+    """caseA's weights exported at 384 as a pipeline per MSDA representation (tests/exports.py's
+    background jobs: about three CPU-minutes and 2.2 GB for every graph with GridSample MSDA, one
+    for the plugin's perception graph, whose pipeline takes the other graphs from the first)."""
+    def exported(msda: str) -> OnnxPipeline:
+        key = f"golden_b_export:{msda}"
+        result = background.result(key)
+        assert result.returncode == 0, f"tests/exports.py {key} failed:\n{result.stderr[-6000:]}"
+        return OnnxPipeline(background.folder(key))
 
-    def export(msda: str, graphs: tuple[str, ...] | None) -> OnnxPipeline:
-        out = tmp_path_factory.mktemp("b") / msda
-        return OnnxPipeline(export_onnx(model, out, ExportOptions(384, msda=msda, graphs=graphs, weights="golden"), progress=False))
+    made: dict[str, OnnxPipeline] = {}
 
     def pipeline(msda: str) -> OnnxPipeline:
         if "gridsample" not in made:
-            made["gridsample"] = export("gridsample", None)
+            made["gridsample"] = exported("gridsample")
         if msda not in made:
-            made[msda] = MixedPipeline(made["gridsample"], export(msda, ("perception",)))
+            made[msda] = MixedPipeline(made["gridsample"], exported(msda))
         return made[msda]
 
     return pipeline
