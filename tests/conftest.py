@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 pytest.register_assert_rewrite("tis")  # before its import: the helpers' asserts explain themselves
 
+import exports  # noqa: E402
 from background import Background  # noqa: E402
 from spm import train_sentencepiece  # noqa: E402
 from tis import MAX_BATCH_SIZE, PRESET, QUEUE_DELAY_US, TinyExport, free_port  # noqa: E402
@@ -30,16 +31,7 @@ DECLARED = pytest.StashKey[dict[str, list[str]]]()
 
 def background_jobs(directory: Path) -> dict[str, list[str]]:
     """The session exports, made by tests/exports.py."""
-    import exports
-
-    script = str(Path(__file__).with_name("exports.py"))
-    return {fixture: [sys.executable, script, fixture, str(directory / fixture)] for fixture in exports.FIXTURES}
-
-
-def _exported(background: Background, fixture: str) -> Path:
-    result = background.result(fixture)
-    assert result.returncode == 0, f"tests/exports.py {fixture} failed:\n{result.stderr[-6000:]}"
-    return background.folder(fixture)
+    return exports.jobs(exports.FIXTURES, directory)
 
 
 def _job_fixture(key: str) -> str:
@@ -89,34 +81,32 @@ def background(request: pytest.FixtureRequest) -> Background:
 
 @pytest.fixture(scope="session")
 def tiny_export(background: Background, tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
-    import exports
-
     import deris
 
     folder = tmp_path_factory.mktemp("deris_tiny")
     # The background export's weights (the same seed).
     checkpoint = deris.save_checkpoint(exports.tiny_model(), folder / "deris_tiny.safetensors")
-    return TinyExport(checkpoint, _exported(background, "tiny_export"), train_sentencepiece(folder / "spm"))
+    return TinyExport(checkpoint, exports.exported(background, "tiny_export"), train_sentencepiece(folder / "spm"))
 
 
 @pytest.fixture(scope="session")
 def tiny_plugin_export(background: Background) -> Path:
     """The same model (seed 0) with TensorRT's MSDA plugin nodes instead of GridSample: every graph,
     fp32, at the preset's 128 px."""
-    return _exported(background, "tiny_plugin_export")
+    return exports.exported(background, "tiny_plugin_export")
 
 
 @pytest.fixture(scope="session")
 def demo_export(background: Background) -> Path:
     """The shipped demo model exported as ``deris-export onnx`` does by default (every graph at its
     preset's resolution, fp32, GridSample MSDA, ONNX Runtime's optimised graphs beside them)."""
-    return _exported(background, "demo_export")
+    return exports.exported(background, "demo_export")
 
 
 @pytest.fixture(scope="session")
 def demo_fp16_export(background: Background) -> Path:
     """The shipped demo model's fp16 graphs, those the fused pipeline runs (cognition, perception, decoder)."""
-    return _exported(background, "demo_fp16_export")
+    return exports.exported(background, "demo_fp16_export")
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,12 @@ three single-threaded CPU-minutes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from background import Background
 
 # The session fixtures whose exports this script makes: the MSDA representation of the tiny ones, the
 # precision of the demo model's.
@@ -21,6 +25,18 @@ FIXTURES = (*TINY_EXPORTS, *DEMO_EXPORTS)
 # test_msda_mode_changes_only_the_perception_graph).
 GOLDEN_B = "DERIS-B-grefcoco"
 GOLDEN_B_EXPORTS = {"golden_b_export:gridsample": None, "golden_b_export:trt-plugin": ("perception",)}
+
+
+def jobs(names: Iterable[str], directory: Path) -> dict[str, list[str]]:
+    """Background jobs running this script, each writing into ``directory / name``."""
+    return {name: [sys.executable, __file__, name, str(directory / name)] for name in names}
+
+
+def exported(background: Background, job: str) -> Path:
+    """The folder of a finished export job (tests/background.py); the test fails with its stderr if it failed."""
+    result = background.result(job)
+    assert result.returncode == 0, f"tests/exports.py {job} failed:\n{result.stderr[-6000:]}"
+    return background.folder(job)
 
 
 def tiny_model() -> Any:

@@ -215,12 +215,11 @@ def test_round_chain_reproduces_decoder_and_model(gridsample_export, plugin_expo
 def background_jobs(directory: Path) -> dict[str, list[str]]:
     """Run beside the other tests (tests/background.py): the fp16 plugin export through the command
     line, and the slow tests' deris-b-grefcoco exports (tests/exports.py)."""
-    script = str(Path(exports.__file__))
     return {
         "cli_fp16_plugin_export": [
             sys.executable, "-m", "deris.export.cli", "onnx", "--preset", TINY, "--random-weights", "--msda", "trt-plugin",
             "--precision", "fp16", "--graphs", "perception", "--out", str(directory / "cli_fp16_plugin_export"), "--quiet"],
-        **{key: [sys.executable, script, key, str(directory / key)] for key in exports.GOLDEN_B_EXPORTS},
+        **exports.jobs(exports.GOLDEN_B_EXPORTS, directory),
     }
 
 
@@ -375,10 +374,10 @@ def test_force_replaces_and_external_data(tmp_path, tiny_model):
 
 @pytest.fixture(scope="module")
 def golden_b():
-    model = exports.golden_b_model()
+    """(the preset's config, golden case A, the comparison helper); the weights are the export jobs'."""
     case, _ = golden_check().load_case(str(golden_dir() / f"golden_{exports.GOLDEN_B}_caseA.npz"))
     assert case_paths(exports.GOLDEN_B)
-    return model, case, golden_check()
+    return deris.get_config(exports.GOLDEN_B), case, golden_check()
 
 
 def golden_inputs(case, index: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -410,10 +409,7 @@ def golden_b_export(background) -> Callable[[str], OnnxPipeline]:
     background jobs: about three CPU-minutes and 2.2 GB for every graph with GridSample MSDA, one
     for the plugin's perception graph, whose pipeline takes the other graphs from the first)."""
     def exported(msda: str) -> OnnxPipeline:
-        key = f"golden_b_export:{msda}"
-        result = background.result(key)
-        assert result.returncode == 0, f"tests/exports.py {key} failed:\n{result.stderr[-6000:]}"
-        return OnnxPipeline(background.folder(key))
+        return OnnxPipeline(exports.exported(background, f"golden_b_export:{msda}"))
 
     made: dict[str, OnnxPipeline] = {}
 
@@ -460,9 +456,9 @@ def test_b_grefcoco_encoders_match_official(golden_b, golden_b_export):
 @pytest.mark.slow
 @pytest.mark.parametrize("msda", ["gridsample", "trt-plugin"])
 def test_b_grefcoco_full_model_matches_official_per_sample(golden_b, golden_b_export, msda):
-    model, case, checker = golden_b
+    cfg, case, checker = golden_b
     pipeline = golden_b_export(msda)
-    threshold = model.cfg.score_threshold
+    threshold = cfg.score_threshold
     for b in range(case["in_img"].shape[0]):
         feeds = golden_inputs(case, slice(b, b + 1))
         for layout in ("fused", "rounds"):
