@@ -17,7 +17,13 @@ at 384 with ORT 1.32; ``benchmarks/latency.py`` times the result):
   become Attention/MultiHeadAttention nodes. Its patterns want one projection MatMul per Q/K/V
   fed by one tensor; BEiT-3's multiway projections are Slice -> a MatMul per modality -> Concat,
   and the Swin window attention is one qkv MatMul split by Gather. What is left of attention
-  besides its two GEMMs (masking Where, Softmax, Transposes) is under 5 % of either graph.
+  besides its two GEMMs (masking Where, Softmax, Transposes) is under 5 % of either graph. Nor does
+  a hand-made rewrite into ``com.microsoft.MultiHeadAttention`` pay (one block's graph built both
+  ways, 2 threads, interleaved pairs, 2026-12-04): a Swin-S window-attention block at 384 (qkv
+  MatMul, Split, MHA with the relative-position bias and shift mask folded into its
+  ``attention_bias``, proj) ran 0.94-1.15x as fast as the exported block (median per stage), and
+  BEiT-3's attention after its projections (key-padding mask) 1.4x, 1.8 -> 1.2 ms a layer: about
+  6 ms of the cognition graph's 150-335 ms, under 1 % end to end.
 * MSDA is exported query-last and summed level by level (``export/msda.py``), not as the
   reference's concatenation of every level's samples and one contraction: ORT's CPU Einsum ran
   that contraction through transposed copies (6 % of the perception graph), and even as Mul +
