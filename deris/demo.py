@@ -225,6 +225,7 @@ def load_demo_predictor(device: str = "cpu", **thresholds: float) -> Predictor:
 DEMO_SCENES = 4
 DEMO_SEED = 2024
 TILE_WIDTH = 320
+CAPTION_SIZE = 12
 
 
 def _absent_combination(scene: Scene) -> str:
@@ -243,18 +244,25 @@ def demo_expressions(scene: Scene, count: int = 4) -> list[str]:
     return [*with_target, no_target or _absent_combination(scene)]
 
 
-def contact_sheet(rows: list[list[np.ndarray]]) -> np.ndarray:
-    """The overlays as a grid: one row per scene, tiles scaled to one width, top-aligned on white."""
+def contact_sheet(rows: list[list[tuple[np.ndarray, str]]]) -> np.ndarray:
+    """The highlighted masks as a grid, one row per scene: each (image, caption) scaled to one width
+    and captioned after scaling, so every caption has the same size; rows top-aligned on white."""
     from PIL import Image
 
-    tiles = [[Image.fromarray(t).resize((TILE_WIDTH, round(t.shape[0] * TILE_WIDTH / t.shape[1]))) for t in row] for row in rows]
+    from deris.outputs import with_caption
+
+    def tile(image: np.ndarray, caption: str) -> Image.Image:
+        scaled = Image.fromarray(image).resize((TILE_WIDTH, round(image.shape[0] * TILE_WIDTH / image.shape[1])))
+        return Image.fromarray(with_caption(np.asarray(scaled), caption, CAPTION_SIZE))
+
+    tiles = [[tile(image, caption) for image, caption in row] for row in rows]
     columns = max(len(row) for row in tiles)
     heights = [max(t.height for t in row) for row in tiles]
     sheet = Image.new("RGB", (columns * TILE_WIDTH, sum(heights)), (255, 255, 255))
     top = 0
     for row, height in zip(tiles, heights):
-        for column, tile in enumerate(row):
-            sheet.paste(tile, (column * TILE_WIDTH, top))
+        for column, image in enumerate(row):
+            sheet.paste(image, (column * TILE_WIDTH, top))
         top += height
     return np.asarray(sheet)
 
@@ -263,7 +271,7 @@ def run_demo(out: Path, *, device: str = "cpu", force: bool = False, scenes: int
     """Render ``scenes`` scenes, segment their expressions with the shipped model, write the overlays
     (:func:`deris.outputs.write_prediction_files`) and ``contact_sheet.png``; returns the sheet's path."""
     from deris.atomic import OutputError, atomic_write
-    from deris.outputs import overlay, png_bytes, write_prediction_files
+    from deris.outputs import highlight, png_bytes, write_prediction_files
     from deris.scenes import make_scene
 
     sheet_path = out / "contact_sheet.png"
@@ -280,7 +288,7 @@ def run_demo(out: Path, *, device: str = "cpu", force: bool = False, scenes: int
         name = f"scene{index}.png"
         atomic_write(out / name, png_bytes(scene.image))
         write_prediction_files(out, name, scene.image, texts, predictions, force=True)
-        rows.append([overlay(scene.image, p.mask, f'"{t}": ' + ("no target" if p.no_target else f"{int(p.mask.sum())} px"))
+        rows.append([(highlight(scene.image, p.mask), f'"{t}": ' + ("no target" if p.no_target else f"{int(p.mask.sum())} px"))
                      for t, p in zip(texts, predictions)])
     atomic_write(sheet_path, png_bytes(contact_sheet(rows)))
     return sheet_path

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from deris.atomic import OutputError, atomic_write
 from deris.prediction import Prediction
 
-TINT = np.array([255, 64, 32], dtype=np.float32)
+# What lies outside the mask keeps this share of its brightness; the mask keeps all of it.
+DIM = 0.4
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -27,19 +28,36 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def overlay(image_rgb: np.ndarray, mask: np.ndarray, caption: str) -> np.ndarray:
-    """The mask tinted over the image with the expression (and the decision) as a caption strip."""
+def highlight(image_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the mask made visible: the rest dimmed and the mask's edge traced, white inside
+    and black outside it. A colour tint alone disappears on shapes of the tint's own colour; this shows
+    on any colour. An empty mask (no target) dims the whole image."""
+    from scipy import ndimage
+
+    width = max(1, round(min(mask.shape) / 240))
     out = image_rgb.astype(np.float32)
-    out[mask] = 0.5 * out[mask] + 0.5 * TINT
-    canvas = Image.fromarray(out.round().astype(np.uint8))
-    font_size = max(12, image_rgb.shape[1] // 40)
+    out[~mask] *= DIM
+    out[mask & ~ndimage.binary_erosion(mask, iterations=width)] = 255
+    out[ndimage.binary_dilation(mask, iterations=width) & ~mask] = 0
+    return out.round().astype(np.uint8)
+
+
+def with_caption(image_rgb: np.ndarray, caption: str, font_size: int | None = None) -> np.ndarray:
+    """The image above a black strip holding ``caption`` (font size default: 1/40 of the width, at least 12)."""
+    font_size = font_size or max(12, image_rgb.shape[1] // 40)
     font = ImageFont.load_default(size=font_size)
-    strip = Image.new("RGB", (canvas.width, font_size + 8), (0, 0, 0))
+    width = image_rgb.shape[1]
+    strip = Image.new("RGB", (width, font_size + 8), (0, 0, 0))
     ImageDraw.Draw(strip).text((4, 4), caption, fill=(255, 255, 255), font=font)
-    result = Image.new("RGB", (canvas.width, canvas.height + strip.height))
-    result.paste(canvas, (0, 0))
-    result.paste(strip, (0, canvas.height))
+    result = Image.new("RGB", (width, image_rgb.shape[0] + strip.height))
+    result.paste(Image.fromarray(image_rgb), (0, 0))
+    result.paste(strip, (0, image_rgb.shape[0]))
     return np.asarray(result)
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, caption: str) -> np.ndarray:
+    """The mask highlighted on the image (:func:`highlight`) with the expression and the decision below."""
+    return with_caption(highlight(image_rgb, mask), caption)
 
 
 def write_prediction_files(

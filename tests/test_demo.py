@@ -156,3 +156,15 @@ def test_deris_train_exposes_from_scratch_options():
     scratch = _train_config(parser.parse_args([*common, "--train-swin", "--lr-swin", "3e-4", "--lr-beit3", "1e-4",
                                                "--grad-clip", "1.0"]))
     assert (scratch.train_swin, scratch.lr_beit3, scratch.lr_swin, scratch.grad_clip) == (True, 1e-4, 3e-4, 1.0)
+
+
+def test_contact_sheet_captions_have_one_size_whatever_the_image_width():
+    from deris.demo import CAPTION_SIZE, TILE_WIDTH, contact_sheet
+
+    small, large = np.full((100, 200, 3), 90, np.uint8), np.full((320, 640, 3), 90, np.uint8)
+    sheet = contact_sheet([[(small, "a")], [(large, "b")]])
+    strip = CAPTION_SIZE + 8
+    assert sheet.shape == (160 + strip + 160 + strip, TILE_WIDTH, 3)
+    for top in (160, 160 + strip + 160):  # both caption strips are black and the same height
+        assert (sheet[top + 1, -4:] == 0).all() and (sheet[top + strip - 1, -4:] == 0).all()
+        assert (sheet[top - 1, -4:] == 90).all()

@@ -139,3 +139,19 @@ def test_predict_cli_defaults_to_the_demo_model(tmp_path):
     assert len(report["results"][0]["scores"]) == deris.get_config("deris-demo").num_queries
     result = run_cli("predict", "--checkpoint", "x.pth", "--image", str(path), "--text", "a", "--out", str(tmp_path / "o2"))
     assert result.returncode == 2 and "go with --preset NAME" in result.stderr
+
+
+def test_highlight_shows_a_mask_on_a_shape_of_any_colour():
+    from deris.outputs import DIM, highlight
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[...] = (230, 40, 30)  # a red scene: a red tint would not show on it
+    mask = np.zeros((60, 80), bool)
+    mask[20:40, 30:60] = True
+    out = highlight(image, mask).astype(int)
+    assert (out[30, 45] == image[30, 45]).all()  # inside: the image as it is
+    assert np.allclose(out[5, 5], image[5, 5] * DIM, atol=1)  # outside: dimmed
+    assert (out[20, 45] == 255).all() and (out[19, 45] == 0).all()  # the edge: white inside, black outside
+    assert (out[~mask] <= 255 * DIM + 1).all()  # nothing outside the mask is as bright as the mask
+    empty = highlight(image, np.zeros_like(mask)).astype(int)
+    assert np.allclose(empty, image * DIM, atol=1)  # no target: all dimmed, no edge
