@@ -63,6 +63,13 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(preset, checkpoint, tokenizer, device=args.device, score_threshold=args.score_threshold)
     # Decode once: the original serves both the model inputs and the overlay.
     image_rgb = cv2.cvtColor(load_image(args.image), cv2.COLOR_BGR2RGB)
+    for text in args.text:
+        # The model reads a fixed number of tokens (as the official code, which truncates silently).
+        if dropped := predictor.text_encoder.dropped(text):
+            length = predictor.text_encoder.max_length
+            shown = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+            print(f"warning: {shown} is {dropped} tokens too long for {preset} (max_text_len {length}, bos and eos "
+                  f"included): the model reads only its first {length - 2} tokens", file=sys.stderr)
     prepared = predictor.prepare(image_rgb)
     predictions = predictor.predict_prepared([prepared] * len(args.text), args.text)
     files = write_prediction_files(args.out, args.image.name, image_rgb, args.text, predictions, force=args.force)

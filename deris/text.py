@@ -176,6 +176,10 @@ class TextEncoder:
             raise TextError(f"text has no tokens after cleaning (punctuation is removed): {text!r}")
         return ids
 
+    def dropped(self, text: str | bytes) -> int:
+        """How many of ``text``'s tokens the truncation to L - 2 drops (0 when it fits)."""
+        return max(0, len(self.piece_ids(text)) - (self.max_length - 2))
+
     def encode(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray]:
         """Encode one expression: ``(token_ids, pad_mask)``, int64 [L] each; over-long text is truncated."""
         return build_token_sequence(self.piece_ids(text), self.max_length)

@@ -137,6 +137,8 @@ def test_predict_cli_defaults_to_the_demo_model(tmp_path):
     assert "built-in demo model" in result.stderr
     report = json.loads((tmp_path / "out" / "shapes.json").read_text())
     assert len(report["results"][0]["scores"]) == deris.get_config("deris-demo").num_queries
+    result = run_cli("predict", "--image", str(path), "--text", "the red circle " * 30, "--out", str(tmp_path / "long"))
+    assert result.returncode == 0 and "tokens too long for deris-demo" in result.stderr  # truncated, and said so
     result = run_cli("predict", "--checkpoint", "x.pth", "--image", str(path), "--text", "a", "--out", str(tmp_path / "o2"))
     assert result.returncode == 2 and "go with --preset NAME" in result.stderr
 

@@ -125,6 +125,7 @@ def test_truncation(encoder: TextEncoder) -> None:
     ids, mask = encoder.encode(text)
     assert ids.tolist() == [BOS_ID, *pieces[:18], EOS_ID]
     assert mask.tolist() == [0] * 20
+    assert encoder.dropped(text) == len(pieces) - 18 and encoder.dropped("red car") == 0
 
 
 def test_encode_batch(encoder: TextEncoder) -> None:
