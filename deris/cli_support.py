@@ -117,15 +117,17 @@ def resolve_model(preset: str | None, checkpoint: Path | None, random_weights: b
     return preset, checkpoint
 
 
-def resolve_tokenizer(preset: str, tokenizer: Path | None) -> Path:
-    """The tokenizer given, or the demo model's own for the demo preset (sha256-checked)."""
+def resolve_tokenizer(preset: str, tokenizer: Path | None, source: str | None = None) -> Path:
+    """The tokenizer given, or the demo model's own for the demo preset (sha256-checked). ``source``
+    names where the preset came from in the error (default: ``--preset``)."""
     from deris.demo import DEMO_TOKENIZER, PRESET, verify_asset
 
     if tokenizer is not None:
         return tokenizer
     if preset == PRESET:
         return verify_asset(DEMO_TOKENIZER)
-    raise UsageError(f"--tokenizer is required with --preset {preset} (the BEiT-3 sentencepiece model, beit3.spm)")
+    raise UsageError(f"--tokenizer FILE (the BEiT-3 sentencepiece model, beit3.spm) is required with "
+                     f"{source or '--preset ' + preset}")
 
 
 def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -64,6 +64,8 @@ from deris.cli_support import (
     add_force,
     add_preset,
     add_quiet,
+    resolve_model,
+    resolve_tokenizer,
 )
 from deris.config import QUERY_SA_MODES
 from deris.evaluation import GresMetrics, RisMetrics, mask_counts, metrics_from_state
@@ -93,9 +95,11 @@ backends' masks, same no-target decisions, largest score difference). Every back
 measured over its own preprocessing and inference, after one warm-up call (loading the samples is not
 counted).
 
-backends (--backend B, repeatable):
-  torch               the PyTorch model: --preset, --checkpoint, --tokenizer (--query-sa, --batch-size, --device)
+backends (--backend B, repeatable; default torch):
+  torch               the PyTorch model: --preset, --checkpoint, --tokenizer (--query-sa, --batch-size, --device);
+                      none of the three: the built-in demo model
   onnxruntime:DIR     an ONNX export directory (deris-export onnx) in ONNX Runtime on the CPU; --tokenizer
+                      (not for an export of the demo model)
   tensorrt:DIR        TensorRT engines (deris-export trt) on the GPU, through polygraphy; needs TensorRT, --tokenizer
   triton:HOST:PORT    the `deris` ensemble of a Triton server over gRPC (triton:http://HOST:PORT for HTTP),
                       --concurrency requests in flight
@@ -111,6 +115,9 @@ WORLD_SIZE), the process scores every n-th sample from i into OUT/shard-<i>-of-<
 combines the shards."""
 
 EXAMPLES = """\
+  # offline, nothing to download: synthetic scenes scored with the built-in demo model
+  deris make-synthetic --out synthetic --images 200 --seed 1
+  deris eval --data-root synthetic --dataset grefcoco --split val --out eval/demo-val
   # gRefCOCO val, DeRIS-B (DeRIS README: gIoU 74.10, cIoU 68.06, N-acc 77.03); batch 1, per-sample query_SA:
   deris eval --data-root data/seqtr_type --dataset grefcoco --split val --backend torch \\
       --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --tokenizer beit3.spm \\
@@ -264,7 +271,8 @@ class GraphBackend:
         self.spec, self._graphs, self._close = spec, graphs, close
         self._side, self._mini_side = int(manifest["resolution"]), int(manifest["mini_resolution"])
         self.resolution: int | None = self._side
-        self._encoder = TextEncoder.from_spm(args.tokenizer, int(manifest["max_text_len"]))
+        tokenizer = resolve_tokenizer(cfg.name, args.tokenizer, f"{spec.resource} (an export of {cfg.name})")
+        self._encoder = TextEncoder.from_spm(tokenizer, int(manifest["max_text_len"]))
         self.score_threshold = check_threshold(
             "score_threshold", manifest["score_threshold"] if args.score_threshold is None else args.score_threshold
         )
@@ -610,16 +618,20 @@ def _shard(args: argparse.Namespace) -> tuple[int, int, bool]:
 
 
 def _check_needs(args: argparse.Namespace) -> None:
+    """Fail on missing flags before anything loads; fill in the defaults (no --backend: torch; torch with none of
+    --preset, --checkpoint, --tokenizer: the built-in demo model, announced; its tokenizer for the demo preset)."""
+    args.backend = args.backend or [backend_spec("torch")]
     kinds = {spec.kind for spec in args.backend}
     if "triton" in kinds and not args.at_original_size:
         raise UsageError(TRITON_SIZE)
-    needs = {"--preset": args.preset, "--checkpoint": args.checkpoint} if "torch" in kinds else {}
-    if kinds & {"torch", "onnxruntime", "tensorrt"}:
-        needs["--tokenizer"] = args.tokenizer  # the server has its own
-    missing = [flag for flag, value in needs.items() if value is None]
-    if missing:
-        using = ", ".join(sorted(kinds - {"triton"}))
-        raise UsageError(f"--backend {using} needs {' and '.join(missing)}")
+    if "torch" in kinds:
+        if args.preset is None and args.checkpoint is None and args.tokenizer is None:
+            args.preset, args.checkpoint = resolve_model(None, None, False)
+        missing = [flag for flag, value in (("--preset", args.preset), ("--checkpoint", args.checkpoint)) if value is None]
+        if missing:
+            raise UsageError(f"--backend torch needs {' and '.join(missing)} "
+                             "(or none of --preset, --checkpoint, --tokenizer for the built-in demo model)")
+        args.tokenizer = resolve_tokenizer(args.preset, args.tokenizer)
     if args.score_threshold is not None:
         check_threshold("--score-threshold", args.score_threshold)
 
@@ -820,8 +832,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--image-root", type=Path, metavar="DIR", help="the COCO train2014 images, when not in the layout's place")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N samples of the split")
     p.add_argument("--shard", type=shard_spec, metavar="I/N", help="only every N-th sample from I (0-based); see eval-merge")
-    p.add_argument("--backend", type=backend_spec, action="append", required=True, metavar="B",
-                   help=f"{ACCEPTED}; repeat to compare (the first is the reference)")
+    p.add_argument("--backend", type=backend_spec, action="append", metavar="B",
+                   help=f"{ACCEPTED}; repeat to compare (the first is the reference; default torch)")
     add_preset(p, required=False, extra="; for --backend torch (an ONNX export's manifest must name the same)")
     p.add_argument("--checkpoint", type=Path, metavar="FILE",
                    help="official DeRIS checkpoint (.pth) or a deris-format file (--backend torch)")

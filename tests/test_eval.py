@@ -346,6 +346,7 @@ def test_outputs_are_atomic_and_errors_are_clear(data_root: Path, tiny_export: T
         "is not a `deris-export trt` engine directory": ("--backend", f"tensorrt:{tmp_path}"),
         "holds no TensorRT engines": ("--backend", f"tensorrt:{tiny_export.onnx_dir}"),
         "needs --checkpoint": ("--backend", "torch"),
+        f"beit3.spm) is required with {tiny_export.onnx_dir} (an export of {PRESET})": ("--backend", f"onnxruntime:{tiny_export.onnx_dir}"),
         "not of --preset deris-b-grefcoco": ("--backend", f"onnxruntime:{tiny_export.onnx_dir}", "--preset", "deris-b-grefcoco"),
         "--score-threshold must be": ("--backend", "torch", "--score-threshold", "1.5"),
         "split 'nope' is not in": ("--backend", "torch", "--split", "nope"),
@@ -355,6 +356,9 @@ def test_outputs_are_atomic_and_errors_are_clear(data_root: Path, tiny_export: T
         if message == "needs --checkpoint":
             argv.remove("--checkpoint")
             argv.remove(str(tiny_export.checkpoint))
+        if "is required with" in message:
+            argv.remove("--tokenizer")
+            argv.remove(str(tiny_export.spm))
         assert deris_main(argv) == 2, message
         err = capsys.readouterr().err
         assert message in err and err.startswith("deris eval: error: "), err
