@@ -56,7 +56,7 @@ def run_predict(args: argparse.Namespace) -> int:
     tokenizer = resolve_tokenizer(preset, args.tokenizer)
     import cv2
 
-    from deris.outputs import print_predictions, write_prediction_files
+    from deris.outputs import print_predictions, quoted, write_prediction_files
     from deris.predictor import Predictor
     from deris.preprocess import load_image
 
@@ -67,8 +67,7 @@ def run_predict(args: argparse.Namespace) -> int:
         # The model reads a fixed number of tokens (as the official code, which truncates silently).
         if dropped := predictor.text_encoder.dropped(text):
             length = predictor.text_encoder.max_length
-            shown = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
-            print(f"warning: {shown} is {dropped} tokens too long for {preset} (max_text_len {length}, bos and eos "
+            print(f"warning: {quoted(text)} is {dropped} tokens too long for {preset} (max_text_len {length}, bos and eos "
                   f"included): the model reads only its first {length - 2} tokens", file=sys.stderr)
     prepared = predictor.prepare(image_rgb)
     predictions = predictor.predict_prepared([prepared] * len(args.text), args.text)

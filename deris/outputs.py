@@ -95,9 +95,14 @@ def write_prediction_files(
     return written + [json_path]
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a one-line message, cut after ``limit`` characters (the JSON keeps it whole)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def print_predictions(texts: Sequence[str], predictions: Sequence[Prediction], files: Sequence[Path], out: Path) -> None:
     """The one-line-per-expression summary that ``deris predict`` and ``deris client`` print."""
     for text, pred in zip(texts, predictions):
         decision = "no target" if pred.no_target else f"queries {pred.selected}, {int(pred.mask.sum())} pixels"
-        print(f"{text!r}: {decision} (max score {pred.scores.max():.3f}, threshold {pred.score_threshold})")
+        print(f"{quoted(text)}: {decision} (max score {pred.scores.max():.3f}, threshold {pred.score_threshold})")
     print(f"wrote {len(files)} files to {out}")
