@@ -121,18 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="DeRIS referring image segmentation: predict, convert checkpoints, serve, query a server. "
-        "See `deris COMMAND --help`; exports are `deris-export`.",
+        description="DeRIS referring image segmentation: segment, evaluate, train, serve, and convert official "
+        "checkpoints. Without a checkpoint, predict, eval and demo run the built-in demo model, offline: start "
+        "with `deris demo --out demo_out`. See `deris COMMAND --help`; exports are `deris-export`.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In the order a newcomer meets them: see it work, segment, score, train, serve, convert.
+    register_demo(sub)
     register_predict(sub)
-    register_convert(sub)
-    register_serve(sub)
-    register_client(sub)
+    register_eval(sub)
     add_make_synthetic(sub)
     add_train(sub)
-    register_eval(sub)
-    register_demo(sub)
+    register_serve(sub)
+    register_client(sub)
+    register_convert(sub)
     return parser
 
 
