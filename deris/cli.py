@@ -31,9 +31,10 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
         sub, "predict", run=run_predict,
         help="segment what one or more expressions refer to in an image",
         description="Run DeRIS on one image and one or more expressions. Writes, per expression i, a binary mask "
-        "<image>.t<i>.mask.png (0/255, the original size) and an overlay <image>.t<i>.overlay.png, plus one "
-        "<image>.json with per-query scores, the selected queries and the no-target decision. Without --preset, "
-        "--checkpoint and --tokenizer it runs the built-in demo model (coloured shapes: try `deris demo`).",
+        "<image>.t<i>.mask.png (0/255, the original size) and an overlay <image>.t<i>.overlay.png (the image dimmed "
+        "outside the mask, the mask's edge outlined), plus one <image>.json with per-query scores, the selected "
+        "queries and the no-target decision. Without --preset, --checkpoint and --tokenizer it runs the built-in "
+        "demo model (coloured shapes: try `deris demo`).",
         examples="  deris predict --image shapes.png --text 'the red circle' --out out/     # the built-in demo model\n"
         "  deris predict --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --tokenizer beit3.spm \\\n"
         "      --image kitchen.jpg --text 'the cup left of the kettle' --text 'the dog' --out out/",

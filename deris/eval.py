@@ -267,7 +267,9 @@ class GraphBackend:
 
         cfg = get_config(manifest["preset"])
         if args.preset is not None and args.preset != cfg.name:
-            raise UsageError(f"{spec.resource} is an export of {cfg.name}, not of --preset {args.preset}")
+            # args.preset is --preset's, or the demo model's where the torch backend defaulted to it.
+            raise UsageError(f"{spec.resource} is an export of {cfg.name}, not of {args.preset} (--preset's model or, "
+                             "without --preset, the built-in demo model that --backend torch runs)")
         self.spec, self._graphs, self._close = spec, graphs, close
         self._side, self._mini_side = int(manifest["resolution"]), int(manifest["mini_resolution"])
         self.resolution: int | None = self._side

@@ -347,7 +347,7 @@ def test_outputs_are_atomic_and_errors_are_clear(data_root: Path, tiny_export: T
         "holds no TensorRT engines": ("--backend", f"tensorrt:{tiny_export.onnx_dir}"),
         "needs --checkpoint": ("--backend", "torch"),
         f"beit3.spm) is required with {tiny_export.onnx_dir} (an export of {PRESET})": ("--backend", f"onnxruntime:{tiny_export.onnx_dir}"),
-        "not of --preset deris-b-grefcoco": ("--backend", f"onnxruntime:{tiny_export.onnx_dir}", "--preset", "deris-b-grefcoco"),
+        "not of deris-b-grefcoco (--preset's model": ("--backend", f"onnxruntime:{tiny_export.onnx_dir}", "--preset", "deris-b-grefcoco"),
         "--score-threshold must be": ("--backend", "torch", "--score-threshold", "1.5"),
         "split 'nope' is not in": ("--backend", "torch", "--split", "nope"),
     }
