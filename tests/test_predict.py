@@ -157,3 +157,20 @@ def test_highlight_shows_a_mask_on_a_shape_of_any_colour():
     assert (out[~mask] <= 255 * DIM + 1).all()  # nothing outside the mask is as bright as the mask
     empty = highlight(image, np.zeros_like(mask)).astype(int)
     assert np.allclose(empty, image * DIM, atol=1)  # no target: all dimmed, no edge
+
+
+def test_highlight_traces_the_edge_of_the_whole_mask():
+    """The edge is worked out around the mask's bounding box: it equals the whole image's, border included."""
+    from scipy import ndimage
+
+    from deris.outputs import highlight
+
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((240, 320)) < 0.6, iterations=3)
+    mask[:, 250:] = False
+    mask[:40, :40] = True  # touches the image border
+    out = highlight(np.full((240, 320, 3), 128, np.uint8), mask)
+    width = 1  # min(240, 320) / 240
+    inner = mask & ~ndimage.binary_erosion(mask, iterations=width)
+    outer = ndimage.binary_dilation(mask, iterations=width) & ~mask
+    assert ((out == 255).all(-1) == inner).all() and ((out == 0).all(-1) == outer).all()
