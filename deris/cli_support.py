@@ -18,6 +18,7 @@ Torch-free: ``--help`` and argument errors never wait for torch to import.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,15 +99,20 @@ DEMO_NOTE = (
 )
 
 
+def demo_model() -> tuple[str, Path]:
+    """(preset, checkpoint) of the built-in demo model (sha256-checked), announced on stderr."""
+    from deris.demo import DEMO_WEIGHTS, PRESET, verify_asset
+
+    print(DEMO_NOTE, file=sys.stderr)
+    return PRESET, verify_asset(DEMO_WEIGHTS)
+
+
 def resolve_model(preset: str | None, checkpoint: Path | None, random_weights: bool,
                   tokenizer: Path | None = None) -> tuple[str, Path | None]:
     """(preset, checkpoint) a command runs: the arguments given or, when none of them (nor a
-    tokenizer) is, the built-in demo model, announced on stderr. A None checkpoint means random weights."""
-    from deris.demo import DEMO_WEIGHTS, PRESET, verify_asset
-
+    tokenizer) is, the built-in demo model (:func:`demo_model`). A None checkpoint means random weights."""
     if preset is None and checkpoint is None and tokenizer is None and not random_weights:
-        print(DEMO_NOTE, file=sys.stderr)
-        return PRESET, verify_asset(DEMO_WEIGHTS)
+        return demo_model()
     if preset is None:
         raise UsageError("--checkpoint, --tokenizer and --random-weights go with --preset NAME "
                          "(or pass none of them to use the built-in demo model)")
@@ -117,17 +123,17 @@ def resolve_model(preset: str | None, checkpoint: Path | None, random_weights: b
     return preset, checkpoint
 
 
-def resolve_tokenizer(preset: str, tokenizer: Path | None, source: str | None = None) -> Path:
-    """The tokenizer given, or the demo model's own for the demo preset (sha256-checked). ``source``
-    names where the preset came from in the error (default: ``--preset``)."""
+def resolve_tokenizer(preset: str, tokenizer: Path | None, export: str | os.PathLike[str] | None = None) -> Path:
+    """The tokenizer given, or the demo model's own for the demo preset (sha256-checked). ``export``: the
+    export directory the preset was read from, named in the error instead of ``--preset``."""
     from deris.demo import DEMO_TOKENIZER, PRESET, verify_asset
 
     if tokenizer is not None:
         return tokenizer
     if preset == PRESET:
         return verify_asset(DEMO_TOKENIZER)
-    raise UsageError(f"--tokenizer FILE (the BEiT-3 sentencepiece model, beit3.spm) is required with "
-                     f"{source or '--preset ' + preset}")
+    source = f"{export} (an export of {preset})" if export is not None else f"--preset {preset}"
+    raise UsageError(f"--tokenizer FILE (the BEiT-3 sentencepiece model, beit3.spm) is required with {source}")
 
 
 def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

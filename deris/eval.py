@@ -64,7 +64,7 @@ from deris.cli_support import (
     add_force,
     add_preset,
     add_quiet,
-    resolve_model,
+    demo_model,
     resolve_tokenizer,
 )
 from deris.config import QUERY_SA_MODES
@@ -273,7 +273,7 @@ class GraphBackend:
         self.spec, self._graphs, self._close = spec, graphs, close
         self._side, self._mini_side = int(manifest["resolution"]), int(manifest["mini_resolution"])
         self.resolution: int | None = self._side
-        tokenizer = resolve_tokenizer(cfg.name, args.tokenizer, f"{spec.resource} (an export of {cfg.name})")
+        tokenizer = resolve_tokenizer(cfg.name, args.tokenizer, export=spec.resource)
         self._encoder = TextEncoder.from_spm(tokenizer, int(manifest["max_text_len"]))
         self.score_threshold = check_threshold(
             "score_threshold", manifest["score_threshold"] if args.score_threshold is None else args.score_threshold
@@ -628,7 +628,7 @@ def _check_needs(args: argparse.Namespace) -> None:
         raise UsageError(TRITON_SIZE)
     if "torch" in kinds:
         if args.preset is None and args.checkpoint is None and args.tokenizer is None:
-            args.preset, args.checkpoint = resolve_model(None, None, False)
+            args.preset, args.checkpoint = demo_model()
         missing = [flag for flag, value in (("--preset", args.preset), ("--checkpoint", args.checkpoint)) if value is None]
         if missing:
             raise UsageError(f"--backend torch needs {' and '.join(missing)} "

@@ -588,8 +588,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
-    preset = read_export(args.onnx).preset
-    spm = resolve_tokenizer(preset, args.tokenizer, f"{args.onnx} (an export of {preset})")
+    spm = resolve_tokenizer(read_export(args.onnx).preset, args.tokenizer, export=args.onnx)
     repo = generate_triton_repo(
         args.onnx, args.out, args.backend, args.decoder, engines_dir=args.engines, spm_path=spm,
         max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.threads,
