@@ -22,25 +22,34 @@ class OutputError(ValueError):
     """An output that may not or cannot be written; the message says why and what to do."""
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, force: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically; with ``force=False`` an existing file is refused."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that want a file name (``torch.save``, safetensors,
+    ``savefig``); renamed onto ``path`` with the usual permissions when the block succeeds, deleted when it
+    raises. With ``force=False`` an existing file is refused."""
     path = Path(path)
     if not force and path.exists():
         raise OutputError(f"{path} already exists; pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         # mkstemp files are private (0600); give the result the usual permissions.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, force: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically; with ``force=False`` an existing file is refused."""
+    with atomic_file(path, force=force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def check_output_dir(out: Path, force: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from numpy.core.multiarray import scalar as numpy_scalar  # type: ignore[attr-defined]  # absent from numpy's stubs
 from torch import nn
+
+from deris.atomic import atomic_file
 
 FORMAT_VERSION = 1
 OFFICIAL_ROOTS = ("understanding_branch.", "perception_branch.", "head.")
@@ -414,18 +415,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     preset = str(getattr(getattr(model, "cfg", None), "name", ""))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, tmp, metadata={"format": "deris", "format_version": str(FORMAT_VERSION), "preset": preset})
         else:
             torch.save({"deris_format": FORMAT_VERSION, "preset": preset, "state_dict": state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deris.atomic import atomic_file
 from deris.cli_support import EXIT_OK, UsageError, add_command, add_force, add_quiet
 
 if TYPE_CHECKING:
@@ -154,7 +155,8 @@ def write_curve(log_file: str | Path, out: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
 

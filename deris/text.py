@@ -27,6 +27,8 @@ import numpy as np
 import sentencepiece
 from transformers import XLMRobertaTokenizer
 
+from deris.atomic import atomic_write
+
 # fairseq / XLM-R ids used by BEiT-3; every other sentencepiece piece id p maps to p + 1.
 BOS_ID = 0
 PAD_ID = 1
@@ -122,7 +124,6 @@ def train_sentencepiece(corpus: Iterable[str], out: str | Path, vocab_size: int)
     from sentencepiece import sentencepiece_model_pb2
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deris_spm_") as folder:
         prefix = Path(folder) / out.stem
         sentencepiece.SentencePieceTrainer.train(
@@ -134,8 +135,7 @@ def train_sentencepiece(corpus: Iterable[str], out: str | Path, vocab_size: int)
         model.ParseFromString(prefix.with_suffix(".model").read_bytes())
     # The model records its training prefix; the temporary folder's name would change the bytes.
     model.trainer_spec.model_prefix = out.stem
-    out.write_bytes(model.SerializeToString())
-    return out
+    return atomic_write(out, model.SerializeToString())
 
 
 class TextEncoder:

@@ -29,11 +29,31 @@ def tiny():
 
 
 def test_own_format_round_trip(tiny, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("w.safetensors", "w.pt"):
         path = deris.save_checkpoint(tiny, tmp_path / name)
         other = deris.from_checkpoint("deris-tiny", path)
         for k, v in tiny.state_dict().items():
             assert torch.equal(v, other.state_dict()[k]), k
+        # The usual mode, not the temporary file's private 0600 (a server running as another user reads it).
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, oct(path.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt", "w.safetensors"]
+
+
+def test_a_failed_save_leaves_the_previous_file_and_no_temporary(tiny, tmp_path, monkeypatch):
+    path = deris.save_checkpoint(tiny, tmp_path / "w.pt")
+    before = path.read_bytes()
+
+    def half_written(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        deris.save_checkpoint(tiny, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]
 
 
 def test_missing_extra_and_misshaped_keys_are_all_named(tiny):
