@@ -35,7 +35,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deris import datasets
+from deris.atomic import atomic_file
 from deris.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from deris.cli_support import CheckFailed, UsageError
 from deris.config import DerisConfig, get_config
@@ -390,7 +390,13 @@ def evaluate(
     metrics: GresMetrics | RisMetrics = GresMetrics() if split.has_no_target else RisMetrics()
     was_training = model.training
     model.eval()
-    loader = DataLoader(EvalSet(shard, encoder, model.cfg), batch_size=batch_size, num_workers=workers, collate_fn=_eval_collate)
+    # Evaluation draws nothing random, but a loader seeds its iterator from the global RNG unless given a
+    # generator of its own: without one an evaluation would change the training run that follows it (and a
+    # run stopped and evaluated at --max-steps would not resume as the uninterrupted run goes on).
+    loader = DataLoader(
+        EvalSet(shard, encoder, model.cfg), batch_size=batch_size, num_workers=workers, collate_fn=_eval_collate,
+        generator=torch.Generator(),
+    )
     for batch in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(*(batch[k].to(device) for k in ("img", "img_mini", "token_ids", "pad_mask")))
@@ -413,21 +419,6 @@ def evaluate(
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; give the checkpoint the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -631,24 +622,23 @@ def _train(
             dist.all_gather_object(states, rng_now)
         path = out_dir / LAST_CHECKPOINT
         if rank == 0:
-            _atomic_torch_save(
-                {
-                    "deris_format": FORMAT_VERSION,
-                    "preset": model_cfg.name,
-                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "training": {
-                        "config": cfg.to_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "step": step,
-                        "epoch": epoch,
-                        "batch_in_epoch": batch_in_epoch,
-                        "evaluations": evaluations,
-                        "rng": states,
-                    },
+            checkpoint = {
+                "deris_format": FORMAT_VERSION,
+                "preset": model_cfg.name,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "training": {
+                    "config": cfg.to_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "evaluations": evaluations,
+                    "rng": states,
                 },
-                path,
-            )
+            }
+            with atomic_file(path) as tmp:
+                torch.save(checkpoint, tmp)
         return path
 
     def run_eval() -> None:
