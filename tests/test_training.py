@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from official_files import fresh_tiny, write_official_file
 from spm import train_sentencepiece
 
 import deris
 from deris import datasets
+from deris.checkpoint import official_to_ours
 from deris.cli_support import run_main
 from deris.scenes import write_dataset
 from deris.text import TextEncoder
@@ -34,6 +36,7 @@ from deris.training.losses import (
 from deris.training.matcher import MatchCosts, dice_cost, hungarian_match, match_image, point_sample, sigmoid_ce_cost
 from deris.training.nsc import NSCConfig
 from deris.training.trainer import (
+    FROZEN_PREFIX,
     LAST_CHECKPOINT,
     SCHEDULES,
     EpochSampler,
@@ -457,3 +460,39 @@ def test_torchrun_trains_in_two_processes_writes_once_and_resumes_exactly(tmp_pa
     a = deris.from_checkpoint("deris-tiny", tmp_path / "whole" / "model.safetensors").state_dict()
     b = deris.from_checkpoint("deris-tiny", tmp_path / "split" / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_fine_tunes_from_an_official_training_file(tmp_path, shapes, spm_path, capsys, one_thread):
+    official = tmp_path / "latest.pth"
+    start = {official_to_ours(k): v for k, v in write_official_file(official, fresh_tiny(1)).items()}
+    out = tmp_path / "tuned"
+    assert _cli("train", "--out", str(out), "--preset", "deris-tiny", "--data-root", str(shapes), "--tokenizer",
+                str(spm_path), "--init", str(official), "--batch-size", "2", "--num-points", "512", "--workers", "0",
+                "--val-split", "none", "--max-steps", "1") == 0
+    printed = capsys.readouterr().out
+    assert f"initialised from {official}: official checkpoint" in printed and "saved after epoch 12" in printed
+    tuned = deris.from_checkpoint("deris-tiny", out / "model.safetensors").state_dict()
+    assert tuned.keys() == start.keys()
+    for key, value in start.items():
+        if key.startswith(FROZEN_PREFIX):
+            assert torch.equal(tuned[key], value), key  # Swin frozen, as official
+        else:
+            # One Adam step moves a weight by at most its learning rate (1e-4, BEiT-3 5e-5): the run started
+            # from the official weights, not from a fresh initialisation.
+            assert (tuned[key] - value).abs().max() <= 1e-4 * (1 + 1e-3), key
+    assert sum(not torch.equal(tuned[k], v) for k, v in start.items()) > len(start) // 2
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, shapes, spm_path, one_thread):
+    losses: dict[str, list[float]] = {"off": [], "bf16": []}
+    for amp, record in losses.items():
+        cfg = _config(shapes, spm_path, max_steps=2, amp=amp, device="cpu")
+        train(cfg, tmp_path / amp, quiet=True, on_step=lambda s, record=record: record.append(s.losses["loss"]))
+    # Autocast is really on (bf16 rounds the forward), yet the step's loss stays near the float32 one.
+    assert losses["bf16"][0] != losses["off"][0]
+    assert losses["bf16"][0] == pytest.approx(losses["off"][0], rel=0.01)
+    # The weights themselves stay float32 (autocast rounds activations only), as the file shows.
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as saved:
+        assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.float32}

@@ -567,7 +567,10 @@ def _train(
     model_cfg = get_config(cfg.preset, **({"query_sa": cfg.query_sa} if cfg.query_sa else {}))
     model = DeRIS(model_cfg)
     if cfg.init and state is None:
-        load_checkpoint(model, cfg.init)
+        report = load_checkpoint(model, cfg.init)
+        if rank == 0 and not quiet:
+            found = f"official checkpoint, {report.summary()}" if report is not None else "deris checkpoint"
+            print(f"initialised from {cfg.init}: {found}", flush=True)
     if state is not None:
         load_checkpoint(model, state["state_dict"])
     if not cfg.train_swin:
