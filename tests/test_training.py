@@ -496,3 +496,28 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path, shapes, spm_path, one_thread)
 
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as saved:
         assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.float32}
+
+
+def test_train_flags_set_the_run_and_defaults_follow_the_dataset():
+    from deris.training.cli import _train_config
+
+    parser = argparse.ArgumentParser(prog="deris")
+    add_train(parser.add_subparsers(dest="command", required=True))
+    required = ["train", "--out", "o", "--preset", "deris-tiny", "--data-root", "d", "--tokenizer", "t.spm"]
+    official = _train_config(parser.parse_args([*required, "--dataset", "refcoco"]))
+    assert official.schedule == SCHEDULES["refcoco"] and official.batch_size == 16 and official.nsc
+    assert (official.lr, official.lr_beit3, official.lr_pixel_decoder, official.lr_swin) == (1e-4, 5e-5, 1e-4, 1e-5)
+    assert (official.grad_clip, official.seed, official.num_points, official.amp) == (0.15, 6666, 12544, "off")
+    assert (official.val_split, official.init, official.train_swin) == ("val", None, False)
+
+    tuned = _train_config(parser.parse_args([
+        *required, "--epochs", "3", "--warmup-epochs", "1", "--decay-epochs", "2,3", "--no-nsc", "--lr", "4e-4",
+        "--lr-swin", "1e-3", "--train-swin", "--batch-size", "8", "--grad-clip", "1", "--val-split", "none",
+        "--init", "w.pth", "--seed", "3", "--num-points", "2304",
+    ]))
+    assert tuned.schedule == Schedule(epochs=3, warmup_epochs=1, decay_epochs=(2, 3), decay_ratio=0.1)
+    assert (tuned.lr, tuned.lr_beit3, tuned.lr_pixel_decoder, tuned.lr_swin) == (4e-4, 2e-4, 4e-4, 1e-3)
+    assert (tuned.nsc, tuned.train_swin, tuned.batch_size, tuned.grad_clip) == (False, True, 8, 1.0)
+    assert (tuned.val_split, tuned.init, tuned.seed, tuned.num_points) == (None, "w.pth", 3, 2304)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--decay-epochs", "0,2"])  # 1-based, as official
