@@ -31,6 +31,12 @@ Outputs, in ``--out`` (staged and renamed: complete or absent): ``metrics.json``
 its metrics, the mergeable accumulator states, throughput and agreement with the reference), ``metrics.md``
 (the table) and ``records/<backend>.jsonl`` (one line per sample: I, U, IoU, decisions, scores).
 
+``--score-sweep T,T,...`` scores each backend again at those score thresholds from the same model outputs
+(:func:`deris.postprocess.postprocess` decides once more per threshold, so the sweep's point at the run's own
+threshold is the run's result exactly): a second table and ``score_sweep.png``, which on gRefCOCO plots the
+N-acc / T-acc trade-off that choosing the threshold sets. A Triton server decides inside the ensemble with one
+threshold per request, so the triton backend cannot sweep.
+
 Several processes: ``--shard i/n`` or ``torchrun`` (``RANK``/``WORLD_SIZE`` pick the shard) write
 ``<out>/shard-<i>-of-<n>/``; ``deris eval-merge`` combines the shards from their accumulator states.
 """
@@ -42,6 +48,7 @@ import contextlib
 import dataclasses
 import functools
 import heapq
+import importlib.util
 import json
 import math
 import os
@@ -79,6 +86,7 @@ ACCEPTED = "torch, onnxruntime:DIR, tensorrt:DIR, triton:[http://]HOST:PORT"
 FORMAT_VERSION = 1
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.md"
+SWEEP_PLOT = "score_sweep.png"
 RECORDS_DIR = "records"
 
 TRITON_SIZE = (
@@ -110,14 +118,20 @@ official presets) against the GT nearest-resized to it; --at-original-size score
 so the triton backend needs --at-original-size.
 
 Writes OUT/{METRICS_FILE}, OUT/{TABLE_FILE} and OUT/{RECORDS_DIR}/<backend>.jsonl (I, U, IoU, decisions and
-scores per sample), all at once when the run completes. With --shard i/n, or under torchrun (RANK,
-WORLD_SIZE), the process scores every n-th sample from i into OUT/shard-<i>-of-<n>/; `deris eval-merge`
-combines the shards."""
+scores per sample), all at once when the run completes. --score-sweep T,T,... also scores every backend at
+those score thresholds from the same model outputs: a second table and OUT/{SWEEP_PLOT} (on gRefCOCO the
+N-acc / T-acc trade-off: a higher threshold recognises more no-target expressions and drops more real ones).
+
+With --shard i/n, or under torchrun (RANK, WORLD_SIZE), the process scores every n-th sample from i into
+OUT/shard-<i>-of-<n>/; `deris eval-merge` combines the shards."""
 
 EXAMPLES = """\
   # offline, nothing to download: synthetic scenes scored with the built-in demo model
   deris make-synthetic --out synthetic --images 200 --seed 1
   deris eval --data-root synthetic --dataset grefcoco --split val --out eval/demo-val
+  # choose the score threshold: the N-acc / T-acc trade-off from one pass (table and score_sweep.png)
+  deris eval --data-root synthetic --dataset grefcoco --split val --score-sweep 0.5,0.6,0.7,0.8,0.85,0.9,0.95 \
+      --out eval/demo-sweep
   # gRefCOCO val, DeRIS-B (DeRIS README: gIoU 74.10, cIoU 68.06, N-acc 77.03); batch 1, per-sample query_SA:
   deris eval --data-root data/seqtr_type --dataset grefcoco --split val --backend torch \\
       --preset deris-b-grefcoco --checkpoint DeRIS-B-grefcoco.pth --tokenizer beit3.spm \\
@@ -176,6 +190,17 @@ def shard_spec(text: str) -> tuple[int, int]:
     return i, n
 
 
+def threshold_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated score thresholds, each inside (0, 1); sorted, without repeats."""
+    try:
+        values = {check_threshold("a score threshold", v) for v in text.split(",") if v.strip()}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated score thresholds such as 0.5,0.7,0.9, got {text!r}")
+    return tuple(sorted(values))
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -228,7 +253,7 @@ class TorchBackend:
             model, TextEncoder.from_spm(args.tokenizer, model.cfg.max_text_len), score_threshold=args.score_threshold,
             device=_torch_device(args.device),
         )
-        self.spec, self.batch_size = spec, args.batch_size
+        self.spec, self.batch_size, self._sweep = spec, args.batch_size, args.score_sweep
         self.score_threshold = self.predictor.score_threshold
         self._side = model.cfg.image_size
         self.resolution: int | None = self._side
@@ -245,7 +270,7 @@ class TorchBackend:
         predictions: list[Prediction] = []
         for batch in _batches(items, self.batch_size):
             prepared = [dataclasses.replace(self.predictor.prepare(item.image), original_size=size) for item in batch]
-            predictions += self.predictor.predict_prepared(prepared, [item.sample.expression for item in batch])
+            predictions += self.predictor.predict_prepared(prepared, [item.sample.expression for item in batch], self._sweep)
         return predictions
 
     def close(self) -> None:
@@ -278,7 +303,7 @@ class GraphBackend:
         self.score_threshold = check_threshold(
             "score_threshold", manifest["score_threshold"] if args.score_threshold is None else args.score_threshold
         )
-        self._mask_threshold = cfg.mask_threshold
+        self._mask_threshold, self._sweep = cfg.mask_threshold, args.score_sweep
         self._batch_size = min(args.batch_size, max_batch)
         self._details = {"directory": spec.resource, "preset": cfg.name, "weights": manifest.get("weights"),
                          "precision": manifest.get("precision"), "msda": manifest.get("msda"), "query_sa": "per_sample",
@@ -305,7 +330,7 @@ class GraphBackend:
             # As the server's postprocess model: the graphs' outputs, as they come, into the one post-processing.
             predictions += postprocess(
                 torch.from_numpy(out["mask_logits"]), torch.from_numpy(out["refer_logits"]), torch.from_numpy(out["existence"]),
-                [(self._side, self._side)] * len(batch), self.score_threshold, self._mask_threshold,
+                [(self._side, self._side)] * len(batch), self.score_threshold, self._mask_threshold, self._sweep,
             )
         return predictions
 
@@ -512,6 +537,7 @@ class BackendResult:
     metrics: RisMetrics | GresMetrics
     agreement: Agreement | None
     seconds: float = 0.0
+    sweep: dict[float, RisMetrics | GresMetrics] = dataclasses.field(default_factory=dict)  # --score-sweep
 
     @property
     def samples_per_s(self) -> float:
@@ -523,21 +549,24 @@ class BackendResult:
             "samples": self.metrics.count, "seconds": self.seconds, "samples_per_s": self.samples_per_s,
             "metrics": self.metrics.compute(), "state": self.metrics.to_state(),
             "agreement": None if self.agreement is None else self.agreement.compute() | {"state": self.agreement.to_state()},
+            "sweep": [{"score_threshold": t, "metrics": m.compute(), "state": m.to_state()} for t, m in self.sweep.items()],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BackendResult:
         agreement = data["agreement"]
         return cls(data["label"], data["spec"], data["details"], data["score_threshold"], metrics_from_state(data["state"]),
-                   None if agreement is None else Agreement.from_state(agreement["state"]), data["seconds"])
+                   None if agreement is None else Agreement.from_state(agreement["state"]), data["seconds"],
+                   {p["score_threshold"]: metrics_from_state(p["state"]) for p in data.get("sweep", [])})
 
     def score(self, sample: Sample, gt: np.ndarray, prediction: Prediction, mask: np.ndarray,
-              reference: tuple[Prediction, np.ndarray] | None) -> dict[str, Any]:
-        """Accumulate one sample (``mask``: the prediction's mask at the scoring size, as ``gt``); return its record."""
-        if isinstance(self.metrics, GresMetrics):
-            score = self.metrics.update(mask, gt, prediction.no_target, sample.no_target).to_dict()
-        else:
-            score = self.metrics.update(mask, gt).to_dict()
+              reference: tuple[Prediction, np.ndarray] | None,
+              by_threshold: dict[float, tuple[np.ndarray, bool]]) -> dict[str, Any]:
+        """Accumulate one sample (``mask``: the prediction's mask at the scoring size, as ``gt``; ``by_threshold``:
+        the sweep's masks at that size and decisions); return its record."""
+        score = _update(self.metrics, sample, gt, mask, prediction.no_target).to_dict()
+        for threshold, metrics in self.sweep.items():
+            _update(metrics, sample, gt, *by_threshold[threshold])
         record = {"key": sample.key, "index": sample.index, "image_id": sample.image_id, "expression": sample.expression,
                   "gt_no_target": sample.no_target} | score | prediction.to_json()
         if self.agreement is not None and reference is not None:
@@ -548,7 +577,15 @@ class BackendResult:
         agreement = None if self.agreement is None or other.agreement is None else self.agreement.merge(other.agreement)
         metrics = self.metrics.merge(other.metrics)  # type: ignore[arg-type]  # one kind per run: merge_shards checks the runs match
         seconds = self.seconds + other.seconds
-        return BackendResult(self.label, self.spec, self.details, self.score_threshold, metrics, agreement, seconds)
+        sweep = {t: m.merge(other.sweep[t]) for t, m in self.sweep.items()}  # type: ignore[arg-type]  # as metrics
+        return BackendResult(self.label, self.spec, self.details, self.score_threshold, metrics, agreement, seconds, sweep)
+
+
+def _update(metrics: RisMetrics | GresMetrics, sample: Sample, gt: np.ndarray, mask: np.ndarray, no_target: bool) -> Any:
+    """One sample into ``metrics``; its per-sample score."""
+    if isinstance(metrics, GresMetrics):
+        return metrics.update(mask, gt, no_target, sample.no_target)
+    return metrics.update(mask, gt)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -585,9 +622,12 @@ def _run_chunks(
             scored = []
             for k, (sample, gt, prediction) in enumerate(zip(samples, gts, predictions)):
                 # Masks at the model resolution are resized (nearest) to the scoring size; original-size ones are not.
-                size = (gt.shape[0], gt.shape[1])
-                mask = prediction.mask if backend.resolution is None else resize_mask_nearest(prediction.mask, size)
-                handle.write(json.dumps(result.score(sample, gt, prediction, mask, references[k] if references else None)) + "\n")
+                size, resize = (gt.shape[0], gt.shape[1]), backend.resolution is not None
+                mask = resize_mask_nearest(prediction.mask, size) if resize else prediction.mask
+                others = {t: (resize_mask_nearest(m, size) if resize else m, no_target)
+                          for t, (m, no_target) in prediction.by_threshold.items()}
+                record = result.score(sample, gt, prediction, mask, references[k] if references else None, others)
+                handle.write(json.dumps(record) + "\n")
                 scored.append((prediction, mask))
             references = references or scored
         bar.update(len(items))
@@ -626,6 +666,11 @@ def _check_needs(args: argparse.Namespace) -> None:
     kinds = {spec.kind for spec in args.backend}
     if "triton" in kinds and not args.at_original_size:
         raise UsageError(TRITON_SIZE)
+    if "triton" in kinds and args.score_sweep:
+        raise UsageError("--score-sweep needs each query's mask and score, and a Triton server returns only the mask it "
+                         "decided at one threshold; sweep with --backend torch, onnxruntime:DIR or tensorrt:DIR")
+    if args.score_sweep and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the whole split
+        raise UsageError(f"--score-sweep writes {SWEEP_PLOT}, which needs matplotlib: pip install 'deris[bench]'")
     if "torch" in kinds:
         if args.preset is None and args.checkpoint is None and args.tokenizer is None:
             args.preset, args.checkpoint = demo_model()
@@ -653,7 +698,8 @@ def evaluate(
         print(f"warning: the backends use different score thresholds {thresholds}; pass --score-threshold", file=sys.stderr)
     metrics_type = GresMetrics if dataset.has_no_target else RisMetrics
     results = [
-        BackendResult(label, str(b.spec), b.describe(), b.score_threshold, metrics_type(), None if k == 0 else Agreement())
+        BackendResult(label, str(b.spec), b.describe(), b.score_threshold, metrics_type(), None if k == 0 else Agreement(),
+                      sweep={t: metrics_type() for t in args.score_sweep})
         for k, (label, b) in enumerate(zip(labels, backends))
     ]
     part, count = selected_samples(dataset, args.limit, shard)
@@ -697,7 +743,8 @@ def run_eval(args: argparse.Namespace) -> int:
         for backend in backends:
             backend.close()
     print(format_table(summary))
-    print(f"wrote {out}/ ({METRICS_FILE}, {TABLE_FILE}, {RECORDS_DIR}/<backend>.jsonl)")
+    plot = f", {SWEEP_PLOT}" if args.score_sweep else ""
+    print(f"wrote {out}/ ({METRICS_FILE}, {TABLE_FILE}{plot}, {RECORDS_DIR}/<backend>.jsonl)")
     return EXIT_OK
 
 
@@ -715,6 +762,8 @@ def _write_summary(directory: Path, summary: dict[str, Any]) -> None:
 
     atomic_write(directory / METRICS_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write(directory / TABLE_FILE, (format_table(summary) + "\n").encode())
+    if any(b.get("sweep") for b in summary["backends"]):
+        atomic_write(directory / SWEEP_PLOT, sweep_plot(summary))
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -745,7 +794,66 @@ def format_table(summary: dict[str, Any]) -> str:
         rows.append([name, *metrics, f"{b['score_threshold']:g}", f"{b['samples_per_s']:.2f}", *versus])
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    swept = [b for b in backends if b.get("sweep")]
+    if swept:
+        lines += ["", "Score-threshold sweep: the same model outputs decided at each threshold (* the run's own)", "",
+                  "| backend | score thr | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for b in swept:
+            for point in b["sweep"]:
+                mark = " *" if point["score_threshold"] == b["score_threshold"] else ""
+                cells = [b["label"], f"{point['score_threshold']:g}{mark}", *(f"{point['metrics'][k]:.2f}" for k in keys)]
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def sweep_plot(summary: dict[str, Any]) -> bytes:
+    """The score-threshold sweep as a PNG: on gRefCOCO the N-acc / T-acc trade-off beside the first two metrics
+    against the threshold, otherwise those two metrics alone; one curve per backend (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise UsageError(f"{SWEEP_PLOT} needs matplotlib: pip install 'deris[bench]'") from error
+    import io
+
+    run, swept = summary["run"], [b for b in summary["backends"] if b.get("sweep")]
+    keys = list(swept[0]["metrics"])
+    trade_off = "N-acc" in keys
+    figure, axes = plt.subplots(1, 2 if trade_off else 1, figsize=(11 if trade_off else 6, 4.5), squeeze=False)
+    against = axes[0][-1]
+    for b, marker in zip(swept, "osD^v<>"):
+        thresholds = [p["score_threshold"] for p in b["sweep"]]
+        for key, style in zip(keys[:2], ("-", "--")):
+            against.plot(thresholds, [p["metrics"][key] for p in b["sweep"]], style, marker=marker, label=f"{key}, {b['label']}")
+        if trade_off:
+            ax = axes[0][0]
+            t_acc, n_acc = [p["metrics"]["T-acc"] for p in b["sweep"]], [p["metrics"]["N-acc"] for p in b["sweep"]]
+            line, = ax.plot(t_acc, n_acc, "-", marker=marker, label=b["label"])
+            labels: dict[tuple[float, float], list[str]] = {}  # thresholds that decide alike share one point
+            for threshold, x, y in zip(thresholds, t_acc, n_acc):
+                labels.setdefault((x, y), []).append(f"{threshold:g}")
+                if threshold == b["score_threshold"]:
+                    ax.plot([x], [y], linestyle="none", marker="o", markersize=13, fillstyle="none", color=line.get_color(),
+                            label=f"{b['label']}: its own threshold")
+            for (x, y), names in labels.items():
+                ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if trade_off:
+        ax = axes[0][0]
+        ax.set(xlabel="T-acc % (expressions with a referent kept)", ylabel="N-acc % (no-target expressions recognised)",
+               title="no-target decision: labels are score thresholds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    against.set(xlabel="score threshold", ylabel="%", title=f"{' and '.join(keys[:2])} against the score threshold")
+    against.grid(alpha=0.3)
+    against.legend(fontsize=8)
+    figure.suptitle(f"{run['dataset']} {run['split']}, {summary['samples']} samples", fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 # --- merging shards -------------------------------------------------------------------------------------
@@ -777,13 +885,14 @@ def merge_shards(directories: Sequence[Path]) -> tuple[dict[str, Any], list[Back
     count = first["shard"]["count"]
 
     def identity(summary: dict[str, Any]) -> Any:
-        return summary["run"], [(b["label"], b["spec"], b["score_threshold"]) for b in summary["backends"]]
+        return summary["run"], [(b["label"], b["spec"], b["score_threshold"], [p["score_threshold"] for p in b.get("sweep", [])])
+                                for b in summary["backends"]]
 
     for directory, summary in zip(directories, summaries):
         if identity(summary) != identity(first) or summary["shard"]["count"] != count:
             raise UsageError(
                 f"{directory} is not a shard of the same run as {directories[0]} "
-                "(dataset, split, protocol, limit, backends and shard count must match)"
+                "(dataset, split, protocol, limit, backends, score sweep and shard count must match)"
             )
     indices = sorted(s["shard"]["index"] for s in summaries)
     if indices != list(range(count)):
@@ -808,7 +917,8 @@ def run_merge(args: argparse.Namespace) -> int:
         summary = _summary(run, None, results, merged=len(args.shards))
         _write_summary(staging, summary)
     print(format_table(summary))
-    print(f"wrote {args.out}/ ({METRICS_FILE}, {TABLE_FILE}, {RECORDS_DIR}/<backend>.jsonl) from {len(args.shards)} shards")
+    plot = f", {SWEEP_PLOT}" if any(r.sweep for r in results) else ""
+    print(f"wrote {args.out}/ ({METRICS_FILE}, {TABLE_FILE}{plot}, {RECORDS_DIR}/<backend>.jsonl) from {len(args.shards)} shards")
     return EXIT_OK
 
 
@@ -844,6 +954,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--score-threshold", type=float, metavar="T",
                    help="override every backend's score threshold (preset, export or server default), in (0, 1); "
                    "the official RefCOCO numbers used 0.7 (tools/test.py's default)")
+    p.add_argument("--score-sweep", type=threshold_list, default=(), metavar="T,T,...",
+                   help="also score every backend at these score thresholds from the same model outputs (e.g. "
+                   "0.5,0.6,0.7,0.8,0.9): a table, and OUT/score_sweep.png with the N-acc / T-acc trade-off on gRefCOCO; "
+                   "not for triton, whose server decides with one threshold")
     p.add_argument("--query-sa", choices=QUERY_SA_MODES, default="per_sample",
                    help="torch: per_sample (batch-invariant; = official at batch 1, the gRefCOCO runs) or official_batch "
                    "(query_SA across the images of a batch: the official RefCOCO runs, with --batch-size 16); default per_sample")

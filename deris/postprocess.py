@@ -9,6 +9,8 @@ Imports torch but neither the model nor the kernels: the server's postprocess mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -47,10 +49,13 @@ def postprocess(
     original_sizes: list[tuple[int, int]],
     score_threshold: float,
     mask_threshold: float = 0.5,
+    sweep: Sequence[float] = (),
 ) -> list[Prediction]:
-    """Batch outputs -> one :class:`Prediction` per sample, masks at each original size."""
+    """Batch outputs -> one :class:`Prediction` per sample, masks at each original size; with ``sweep``, each
+    prediction also holds the mask and decision at those score thresholds (``Prediction.by_threshold``)."""
     scores, selected, mask = decide(mask_logits_lowres, refer_logits, score_threshold, mask_threshold)
     existence = existence_logits.sigmoid().reshape(-1)
+    others = {t: decide(mask_logits_lowres, refer_logits, t, mask_threshold)[1:] for t in sweep}
     results = []
     for b, size in enumerate(original_sizes):
         chosen = [int(i) for i in torch.nonzero(selected[b]).flatten()]
@@ -62,6 +67,9 @@ def postprocess(
                 no_target=not chosen,
                 existence_prob=float(existence[b]),
                 score_threshold=score_threshold,
+                by_threshold={
+                    t: (resize_mask_nearest(m[b].cpu().numpy(), size), not bool(s[b].any())) for t, (s, m) in others.items()
+                },
             )
         )
     return results

@@ -42,7 +42,9 @@ class Prediction:
     no_target: bool  # no query passed the threshold
     existence_prob: float  # sigmoid(existence logit); reported, not used for the decision
     score_threshold: float
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    # The mask and no-target decision at other score thresholds, when asked for (``deris eval --score-sweep``):
+    # threshold -> (mask like ``mask``, no_target). The same model outputs, decided again.
+    by_threshold: dict[float, tuple[np.ndarray, bool]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -64,8 +64,11 @@ class Predictor:
         return preprocess_image(image, self.model.cfg.image_size, self.model.cfg.mini_image_size)
 
     @torch.inference_mode()
-    def predict_prepared(self, images: Sequence[PreparedImage], texts: Sequence[str | bytes]) -> list[Prediction]:
-        """Run already-preprocessed images with one expression each (same length lists)."""
+    def predict_prepared(
+        self, images: Sequence[PreparedImage], texts: Sequence[str | bytes], sweep: Sequence[float] = ()
+    ) -> list[Prediction]:
+        """Run already-preprocessed images with one expression each (same length lists); ``sweep``: also decide
+        at these score thresholds (:func:`deris.postprocess.postprocess`)."""
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images and {len(texts)} texts; pass one text per image")
         if not images:
@@ -85,6 +88,7 @@ class Predictor:
             [p.original_size for p in images],
             self.score_threshold,
             self.mask_threshold,
+            sweep,
         )
 
     def predict(self, image: ImageInput, text: str | bytes) -> Prediction:

@@ -109,6 +109,21 @@ def backend(result: dict[str, Any], label: str) -> dict[str, Any]:
     return next(b for b in result["backends"] if b["label"] == label)
 
 
+def gres_by_hand(data_root: Path, predictor: Any, threshold: float) -> GresMetrics:
+    """gRefCOCO val scored without deris.eval: the model's outputs through decide() at 128x128 against the
+    official GT."""
+    expected = GresMetrics()
+    for sample in load_split(data_root, "grefcoco", "val"):
+        prepared = predictor.prepare(sample.image_path)
+        token_ids, pad_mask = predictor.text_encoder.encode_batch([sample.expression])
+        with torch.inference_mode():
+            outputs = predictor.model(torch.from_numpy(prepared.img[None]), torch.from_numpy(prepared.img_mini[None]),
+                                      torch.from_numpy(token_ids), torch.from_numpy(pad_mask))
+        _, selected, mask = decide(outputs["pred_masks_lowres"], outputs["pred_refer_logits"], threshold)
+        expected.update(mask[0].numpy(), official_gt_mask(sample, (128, 128)), not bool(selected[0].any()), sample.no_target)
+    return expected
+
+
 # --- torch and onnxruntime ------------------------------------------------------------------------------
 
 
@@ -133,16 +148,7 @@ def test_torch_and_onnxruntime_in_one_table(data_root: Path, tiny_export: TinyEx
     assert torch_run["samples_per_s"] > 0 and onnx_run["samples_per_s"] > 0
 
     # The torch metrics, recomputed: the model's outputs through decide() at 128x128 against the official GT.
-    expected = GresMetrics()
-    model, encoder = local_predictor.model, local_predictor.text_encoder
-    for sample in load_split(data_root, "grefcoco", "val"):
-        prepared = local_predictor.prepare(sample.image_path)
-        token_ids, pad_mask = encoder.encode_batch([sample.expression])
-        with torch.inference_mode():
-            outputs = model(torch.from_numpy(prepared.img[None]), torch.from_numpy(prepared.img_mini[None]),
-                            torch.from_numpy(token_ids), torch.from_numpy(pad_mask))
-        _, selected, mask = decide(outputs["pred_masks_lowres"], outputs["pred_refer_logits"], float(MIXED_THRESHOLD))
-        expected.update(mask[0].numpy(), official_gt_mask(sample, (128, 128)), not bool(selected[0].any()), sample.no_target)
+    expected = gres_by_hand(data_root, local_predictor, float(MIXED_THRESHOLD))
     assert torch_run["metrics"] == expected.compute()
     assert torch_run["state"] == expected.to_state()
 
@@ -159,6 +165,44 @@ def test_torch_and_onnxruntime_in_one_table(data_root: Path, tiny_export: TinyEx
     assert "| backend | gIoU | cIoU | N-acc | T-acc |" in table and "mask IoU vs torch" in table
     assert f"onnxruntime (onnxruntime:{tiny_export.onnx_dir})" in table
     assert table.strip() in capsys.readouterr().out
+
+
+def test_score_sweep_decides_the_same_outputs_again(data_root: Path, tiny_export: TinyExport, local_predictor: Any,
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    sweep = ["0.9", "0.5", MIXED_THRESHOLD, "0.77"]  # any order: scored in increasing order
+    assert deris_main(eval_args(data_root, tiny_export, "grefcoco", out, "--backend", "torch",
+                                "--backend", f"onnxruntime:{tiny_export.onnx_dir}", "--score-threshold", MIXED_THRESHOLD,
+                                "--score-sweep", ",".join(sweep))) == 0
+    for run in summary(out)["backends"]:
+        points = {p["score_threshold"]: p for p in run["sweep"]}
+        assert list(points) == sorted(map(float, sweep))
+        own = points[float(MIXED_THRESHOLD)]  # the run's own threshold, decided twice: the same numbers
+        assert own["state"] == run["state"] and own["metrics"] == run["metrics"]
+        n_acc = [p["metrics"]["N-acc"] for p in run["sweep"]]
+        t_acc = [p["metrics"]["T-acc"] for p in run["sweep"]]
+        # A higher threshold selects fewer queries: more "no target" decisions, never fewer.
+        assert n_acc == sorted(n_acc) and t_acc == sorted(t_acc, reverse=True) and n_acc[0] < n_acc[-1]
+    torch_points = {p["score_threshold"]: p for p in backend(summary(out), "torch")["sweep"]}
+    for threshold in (0.5, 0.77, 0.9):
+        assert torch_points[threshold]["state"] == gres_by_hand(data_root, local_predictor, threshold).to_state()
+
+    table = (out / "metrics.md").read_text()
+    assert "Score-threshold sweep" in table and f"| torch | {MIXED_THRESHOLD} * |" in table
+    with Image.open(out / "score_sweep.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > plot.size[1] > 300
+    assert "score_sweep.png" in capsys.readouterr().out
+
+    refusals = {"0.5,1.0": "a score threshold must be a number inside (0, 1), got '1.0' (in '0.5,1.0')",
+                "x": "a score threshold must be a number inside (0, 1), got 'x'", ",": "expected comma-separated score thresholds such as 0.5,0.7,0.9, got ','"}
+    for bad, message in refusals.items():
+        with pytest.raises(SystemExit):
+            deris_main(eval_args(data_root, tiny_export, "grefcoco", tmp_path / "bad", "--score-sweep", bad))
+        assert f"argument --score-sweep: {message}" in capsys.readouterr().err
+    triton = eval_args(data_root, tiny_export, "grefcoco", tmp_path / "bad", "--backend", "triton:localhost:1",
+                       "--at-original-size", "--score-sweep", "0.5,0.9")
+    assert deris_main(triton) == 2
+    assert "a Triton server returns only the mask it decided at one threshold" in capsys.readouterr().err
 
 
 def test_batches_and_query_sa(data_root: Path, tiny_export: TinyExport, tmp_path: Path) -> None:
@@ -283,7 +327,8 @@ def test_triton_is_refused_under_the_official_protocol(data_root: Path, tiny_exp
 
 def test_shards_merge_to_the_single_process_run(data_root: Path, tiny_export: TinyExport, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    two = ("--backend", "torch", "--backend", f"onnxruntime:{tiny_export.onnx_dir}", "--limit", "6")
+    two = ("--backend", "torch", "--backend", f"onnxruntime:{tiny_export.onnx_dir}", "--limit", "6",
+           "--score-sweep", "0.6,0.9")
     assert deris_main(eval_args(data_root, tiny_export, "refcoco", tmp_path / "full", *two)) == 0
     assert deris_main(eval_args(data_root, tiny_export, "refcoco", tmp_path / "run", *two, "--shard", "0/2")) == 0
     with monkeypatch.context() as env:  # as torchrun starts the second process
@@ -303,6 +348,9 @@ def test_shards_merge_to_the_single_process_run(data_root: Path, tiny_export: Ti
     for whole, parts in zip(full["backends"], combined["backends"]):
         assert parts["metrics"] == pytest.approx(whole["metrics"], abs=1e-9)
         assert {k: v for k, v in parts["state"].items() if k != "sum_iou"} == {k: v for k, v in whole["state"].items() if k != "sum_iou"}
+        for whole_point, parts_point in zip(whole["sweep"], parts["sweep"], strict=True):
+            assert parts_point["score_threshold"] == whole_point["score_threshold"]
+            assert parts_point["metrics"] == pytest.approx(whole_point["metrics"], abs=1e-9)
         if whole["agreement"] is not None:
             assert parts["agreement"]["state"]["count"] == 6
             assert parts["agreement"]["mask_iou_min"] == whole["agreement"]["mask_iou_min"]
@@ -315,6 +363,7 @@ def test_shards_merge_to_the_single_process_run(data_root: Path, tiny_export: Ti
     assert "exactly once" in capsys.readouterr().err
     assert deris_main(["eval-merge", str(shards[0]), str(tmp_path / "full"), "--out", str(tmp_path / "m3")]) == 2
     assert "not a shard of the same run" in capsys.readouterr().err
+    assert (merged / "score_sweep.png").is_file()  # RefCOCO: mIoU and oIoU against the threshold
 
 
 # --- outputs and errors ---------------------------------------------------------------------------------
