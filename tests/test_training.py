@@ -435,7 +435,7 @@ def _torchrun_train(*argv: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def test_torchrun_trains_in_two_processes_writes_once_and_resumes_exactly(tmp_path, shapes, spm_path):
+def test_torchrun_trains_in_two_processes_writes_once_and_resumes_exactly(tmp_path, shapes, spm_path, capsys):
     common = ["--preset", "deris-tiny", "--data-root", str(shapes), "--tokenizer", str(spm_path), "--batch-size", "2",
               "--num-points", "512", "--workers", "0", "--log-every", "1", "--save-every", "2", "--quiet"]
     # 18 training expressions, 2 processes x 2 samples a step: 5 steps an epoch, so step 6 starts epoch 2.
@@ -457,6 +457,9 @@ def test_torchrun_trains_in_two_processes_writes_once_and_resumes_exactly(tmp_pa
 
     # The split run's evaluation at step 3 does not change what follows it.
     assert losses(resumed) == losses(records)
+    # One process cannot take over the two's epoch without skipping and repeating samples: refused.
+    assert _cli("train", "--out", str(tmp_path / "split"), "--resume", "--max-steps", "7") == 2
+    assert "was saved by 2 training process(es) and this run has 1" in capsys.readouterr().err
     a = deris.from_checkpoint("deris-tiny", tmp_path / "whole" / "model.safetensors").state_dict()
     b = deris.from_checkpoint("deris-tiny", tmp_path / "split" / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -559,6 +559,16 @@ def _train(
         changed = [name for name in fixed if getattr(saved, name) != getattr(cfg, name)]
         if changed:
             raise UsageError(f"cannot resume with different settings for: {', '.join(changed)} (they are fixed for a run)")
+        saved_world = len(state["training"]["rng"])  # one random state per process
+        if saved_world != world:
+            # Each process takes every world-th sample of an epoch's order: another count would deal the rest of
+            # the interrupted epoch differently, skipping some samples and repeating others.
+            last = out_dir / LAST_CHECKPOINT
+            raise UsageError(
+                f"{last} was saved by {saved_world} training process(es) and this run has {world}; resume it with "
+                f"{saved_world} (torchrun --nproc_per_node {saved_world} ...), or start a new run from its weights "
+                f"with --init {last}"
+            )
 
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.deterministic = True
@@ -607,7 +617,7 @@ def _train(
         step, epoch, batch_in_epoch = training["step"], training["epoch"], training["batch_in_epoch"]
         evaluations = list(training["evaluations"])
         rng = training["rng"]
-        _set_rng_state(rng[rank] if len(rng) == world else rng[0])
+        _set_rng_state(rng[rank])
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
