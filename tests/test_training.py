@@ -6,10 +6,12 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -426,11 +428,16 @@ def test_train_cli_evaluates_resumes_and_refuses_bad_usage(tmp_path, shapes, spm
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def _torchrun_train(*argv: str) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone --nproc_per_node 2 -m deris.cli train ...`` on the CPU (gloo), as a user runs it."""
+def _torchrun(*argv: str) -> dict[str, Any]:
+    """``subprocess`` arguments for ``torchrun --standalone --nproc_per_node 2 -m deris.cli train ...`` on the CPU
+    (gloo), as a user runs it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "deris.cli", "train", *argv]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return {"args": command, "text": True, "env": {**os.environ, "OMP_NUM_THREADS": "1"}}
+
+
+def _torchrun_train(*argv: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(**_torchrun(*argv), capture_output=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -457,6 +464,23 @@ def test_torchrun_trains_in_two_processes_writes_once_and_resumes_exactly(tmp_pa
 
     # The split run's evaluation at step 3 does not change what follows it.
     assert losses(resumed) == losses(records)
+    # Ctrl-C: the terminal signals torchrun, which passes it on to its processes; they agree on a step boundary,
+    # save it and stop, and the run resumes from there exactly.
+    log = tmp_path / "stopped" / "train_log.jsonl"
+    shown = [flag for flag in common if flag != "--quiet"]  # the interruption message is what is checked
+    with subprocess.Popen(**_torchrun("--out", str(tmp_path / "stopped"), *shown), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as run:
+        deadline = time.time() + 300
+        while not (log.is_file() and log.read_text().count("\n") >= 2) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        output, _ = run.communicate(timeout=300)
+    stopped_at = read_training_state(tmp_path / "stopped" / LAST_CHECKPOINT)["training"]["step"]
+    assert f"interrupted: saved step {stopped_at} " in output and 2 <= stopped_at < 6, output[-3000:]
+    assert "Unable to shutdown" not in output, output[-3000:]  # torchrun had to kill a process that did not exit
+    _torchrun_train("--out", str(tmp_path / "stopped"), "--resume", "--max-steps", "6", "--quiet")
+    assert losses([json.loads(line) for line in log.read_text().splitlines()]) == losses(records)
+
     # One process cannot take over the two's epoch without skipping and repeating samples: refused.
     assert _cli("train", "--out", str(tmp_path / "split"), "--resume", "--max-steps", "7") == 2
     assert "was saved by 2 training process(es) and this run has 1" in capsys.readouterr().err

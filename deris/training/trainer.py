@@ -37,6 +37,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -537,7 +538,14 @@ def train(
     """
     cfg.validate()
     with _process_group() as (rank, world, local_rank):
-        return _train(cfg, Path(out_dir), resume, quiet, on_step, rank, world, local_rank)
+        try:
+            return _train(cfg, Path(out_dir), resume, quiet, on_step, rank, world, local_rank)
+        except BaseException as error:
+            # The traceback keeps _train's locals alive, the DDP model among them: freed after the process group
+            # is destroyed, its reducer can wait for the other processes forever (Ctrl-C under torchrun hung a
+            # process until torchrun killed it). Free them here; the traceback keeps its lines.
+            traceback.clear_frames(error.__traceback__)
+            raise
 
 
 def _train(
