@@ -203,3 +203,11 @@ def test_cli(tiny_export: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixt
     check_ensemble(out)
     assert export_main(argv) == 2
     assert "deris-export triton-repo: error: output directory" in capsys.readouterr().err
+    # A threshold chosen with `deris eval --score-sweep` becomes the server's default: the postprocess model
+    # decides with it, and clients read it from the ensemble.
+    assert export_main([*argv, "--force", "--score-threshold", "0.65"]) == 0
+    configs = check_ensemble(out)
+    for name in ("deris", "postprocess"):
+        assert configs[name].parameters["score_threshold"].string_value == "0.65", name
+    assert export_main([*argv, "--force", "--score-threshold", "1"]) == 2
+    assert "score_threshold must be a number inside (0, 1), got 1.0" in capsys.readouterr().err

@@ -49,6 +49,7 @@ from deris.cli_support import EXIT_OK, add_command, add_force, add_onnx, add_qui
 from deris.config import get_config
 from deris.export.manifest import MANIFEST_NAME, read_manifest
 from deris.export.ort_optimize import CPU_DISABLED_OPTIMIZERS
+from deris.prediction import check_threshold
 from deris.topology import LAYOUTS, PIPELINE_INPUTS, Topology
 from deris.triton_repo import model_source
 
@@ -346,6 +347,13 @@ def _check_count(name: str, value: int, minimum: int) -> int:
     return value
 
 
+def _check_threshold(value: float) -> float:
+    try:
+        return check_threshold("score_threshold", value)
+    except ValueError as exc:
+        raise RepoError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """How every model of the repository is configured."""
@@ -355,6 +363,7 @@ class Settings:
     instances: int
     intra_op_threads: int
     max_queue_delay_us: int
+    score_threshold: float | None  # the server's default; None: the preset's
 
 
 def generate_triton_repo(
@@ -368,6 +377,7 @@ def generate_triton_repo(
     instances: int = 1,
     intra_op_threads: int = 1,
     max_queue_delay_us: int = 0,
+    score_threshold: float | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -378,7 +388,8 @@ def generate_triton_repo(
     that reaches ``max_batch_size``. ``decoder`` is ``rounds`` (one model per loopback round) or ``fused`` (the
     single ``decoder`` graph). ``instances`` is the instance count of every model;
     ``intra_op_threads`` the ONNX Runtime threads per instance (CPU backends);
-    ``max_queue_delay_us`` how long the dynamic batcher may wait to fill a batch. An existing
+    ``max_queue_delay_us`` how long the dynamic batcher may wait to fill a batch; ``score_threshold`` the
+    server's default score threshold (None: the preset's; requests may override it). An existing
     ``out_dir`` is replaced only with ``force``; ``progress`` shows a bar over the graph models
     (whose files can be GBs). Raises :class:`RepoError` for bad inputs.
     """
@@ -392,6 +403,7 @@ def generate_triton_repo(
         _check_count("instances", instances, 1),
         _check_count("intra_op_threads", intra_op_threads, 1),
         _check_count("max_queue_delay_us", max_queue_delay_us, 0),
+        None if score_threshold is None else _check_threshold(score_threshold),
     )
     out = Path(out_dir)
     check_output_dir(out, force)
@@ -450,9 +462,10 @@ def _results(num_queries: int) -> tuple[Tensor, ...]:
     )
 
 
-def _thresholds(preset: str) -> dict[str, str]:
+def _thresholds(preset: str, settings: Settings) -> dict[str, str]:
     cfg = get_config(preset)
-    return {"score_threshold": str(cfg.score_threshold), "mask_threshold": str(cfg.mask_threshold)}
+    score = cfg.score_threshold if settings.score_threshold is None else settings.score_threshold
+    return {"score_threshold": str(score), "mask_threshold": str(cfg.mask_threshold)}
 
 
 def _write_preprocess(repo: Path, export: Export, spm: Path, settings: Settings) -> None:
@@ -542,14 +555,14 @@ def _write_postprocess(repo: Path, export: Export, last: Graph, settings: Settin
     outputs = [Tensor(t.name, t.data_type, (-1, *t.dims)) for t in _results(export.num_queries)]
     _write_config(repo, model_config(
         POSTPROCESS, kind="python", max_batch_size=0, inputs=inputs, outputs=outputs,
-        instances=settings.instances, parameters=_thresholds(export.preset),
+        instances=settings.instances, parameters=_thresholds(export.preset, settings),
     ))
     (repo / POSTPROCESS / VERSION).mkdir()
     shutil.copyfile(model_source("postprocess"), repo / POSTPROCESS / VERSION / "model.py")
 
 
 def _write_ensemble(repo: Path, export: Export, steps: Sequence[Step], decoder: str, settings: Settings) -> None:
-    info = {"preset": export.preset, "backend": settings.backend, "decoder": decoder} | _thresholds(export.preset)
+    info = {"preset": export.preset, "backend": settings.backend, "decoder": decoder} | _thresholds(export.preset, settings)
     _write_config(repo, ensemble_config(
         ENSEMBLE, settings.max_batch_size, ENSEMBLE_INPUTS, _results(export.num_queries), steps, info
     ))
@@ -583,6 +596,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per instance (default 1)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long the dynamic batcher may wait to fill a batch, in microseconds (default 0)")
+    p.add_argument("--score-threshold", type=float, metavar="T",
+                   help="the server's default score threshold, in (0, 1) (default: the preset's; pick it with "
+                   "`deris eval --score-sweep`); a request's score_threshold parameter still overrides it")
     add_force(p)
     add_quiet(p)
 
@@ -592,7 +608,8 @@ def run_triton_repo(args: argparse.Namespace) -> int:
     repo = generate_triton_repo(
         args.onnx, args.out, args.backend, args.decoder, engines_dir=args.engines, spm_path=spm,
         max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.threads,
-        max_queue_delay_us=args.max_queue_delay_us, force=args.force, progress=not args.quiet,
+        max_queue_delay_us=args.max_queue_delay_us, score_threshold=args.score_threshold, force=args.force,
+        progress=not args.quiet,
     )
     models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     print(f"wrote {repo}: {len(models)} models ({', '.join(models)}); serve it with `deris serve --repo {repo}`")
