@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deris.atomic import atomic_file
 from deris.cli_support import EXIT_OK, UsageError, add_command, add_force, add_quiet
 
 if TYPE_CHECKING:
@@ -132,19 +131,16 @@ def write_curve(log_file: str | Path, out: str | Path) -> Path:
     """The validation metrics of a ``train_log.jsonl`` against the step, as a PNG (needs matplotlib)."""
     import json
 
-    try:
-        import matplotlib
+    from deris.atomic import atomic_write
+    from deris.outputs import figure_png, new_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise UsageError("the metric curve needs matplotlib: pip install 'deris[bench]'") from exc
+    figure = new_figure("the metric curve", 6, 4)
     records = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
     evals = [r["eval"] for r in records if "eval" in r]
     if not evals:
         raise UsageError(f"{log_file} holds no evaluation")
     steps = [e["step"] for e in evals]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax = figure.subplots()
     for key in ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7"):
         if key in evals[0]:
             ax.plot(steps, [e[key] for e in evals], marker="o", label=key)
@@ -153,12 +149,8 @@ def write_curve(log_file: str | Path, out: str | Path) -> Path:
     ax.set_title(f"{PRESET}: validation metrics during training")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_file(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    figure.tight_layout()
+    return atomic_write(out, figure_png(figure))
 
 
 def train_demo(work_dir: str | Path, *, threads: int = 2, force: bool = False, quiet: bool = False) -> TrainResult:

@@ -48,7 +48,7 @@ import contextlib
 import dataclasses
 import functools
 import heapq
-import importlib.util
+import itertools
 import json
 import math
 import os
@@ -75,7 +75,8 @@ from deris.cli_support import (
     resolve_tokenizer,
 )
 from deris.config import QUERY_SA_MODES
-from deris.evaluation import GresMetrics, RisMetrics, mask_counts, metrics_from_state
+from deris.evaluation import GresMetrics, GresScore, RisMetrics, RisScore, mask_counts, metrics_from_state
+from deris.outputs import MATPLOTLIB, has_matplotlib
 from deris.prediction import Prediction, check_threshold
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ EXAMPLES = """\
   deris make-synthetic --out synthetic --images 200 --seed 1
   deris eval --data-root synthetic --dataset grefcoco --split val --out eval/demo-val
   # choose the score threshold: the N-acc / T-acc trade-off from one pass (table and score_sweep.png)
-  deris eval --data-root synthetic --dataset grefcoco --split val --score-sweep 0.5,0.6,0.7,0.8,0.85,0.9,0.95 \
+  deris eval --data-root synthetic --dataset grefcoco --split val --score-sweep 0.5,0.6,0.7,0.8,0.85,0.9,0.95 \\
       --out eval/demo-sweep
   # gRefCOCO val, DeRIS-B (DeRIS README: gIoU 74.10, cIoU 68.06, N-acc 77.03); batch 1, per-sample query_SA:
   deris eval --data-root data/seqtr_type --dataset grefcoco --split val --backend torch \\
@@ -581,7 +582,9 @@ class BackendResult:
         return BackendResult(self.label, self.spec, self.details, self.score_threshold, metrics, agreement, seconds, sweep)
 
 
-def _update(metrics: RisMetrics | GresMetrics, sample: Sample, gt: np.ndarray, mask: np.ndarray, no_target: bool) -> Any:
+def _update(
+    metrics: RisMetrics | GresMetrics, sample: Sample, gt: np.ndarray, mask: np.ndarray, no_target: bool
+) -> RisScore | GresScore:
     """One sample into ``metrics``; its per-sample score."""
     if isinstance(metrics, GresMetrics):
         return metrics.update(mask, gt, no_target, sample.no_target)
@@ -669,8 +672,8 @@ def _check_needs(args: argparse.Namespace) -> None:
     if "triton" in kinds and args.score_sweep:
         raise UsageError("--score-sweep needs each query's mask and score, and a Triton server returns only the mask it "
                          "decided at one threshold; sweep with --backend torch, onnxruntime:DIR or tensorrt:DIR")
-    if args.score_sweep and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the whole split
-        raise UsageError(f"--score-sweep writes {SWEEP_PLOT}, which needs matplotlib: pip install 'deris[bench]'")
+    if args.score_sweep and not has_matplotlib():  # fail now, not after the whole split
+        raise UsageError(f"--score-sweep writes {SWEEP_PLOT}, which {MATPLOTLIB}")
     if "torch" in kinds:
         if args.preset is None and args.checkpoint is None and args.tokenizer is None:
             args.preset, args.checkpoint = demo_model()
@@ -800,7 +803,7 @@ def format_table(summary: dict[str, Any]) -> str:
                   "| backend | score thr | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
         for b in swept:
             for point in b["sweep"]:
-                mark = " *" if point["score_threshold"] == b["score_threshold"] else ""
+                mark = " *" if math.isclose(point["score_threshold"], b["score_threshold"]) else ""
                 cells = [b["label"], f"{point['score_threshold']:g}{mark}", *(f"{point['metrics'][k]:.2f}" for k in keys)]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -808,52 +811,42 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def sweep_plot(summary: dict[str, Any]) -> bytes:
     """The score-threshold sweep as a PNG: on gRefCOCO the N-acc / T-acc trade-off beside the first two metrics
-    against the threshold, otherwise those two metrics alone; one curve per backend (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise UsageError(f"{SWEEP_PLOT} needs matplotlib: pip install 'deris[bench]'") from error
-    import io
+    against the threshold, otherwise (or without no-target samples) those two metrics alone; one curve per backend."""
+    from deris.outputs import figure_png, new_figure
 
     run, swept = summary["run"], [b for b in summary["backends"] if b.get("sweep")]
     keys = list(swept[0]["metrics"])
-    trade_off = "N-acc" in keys
-    figure, axes = plt.subplots(1, 2 if trade_off else 1, figsize=(11 if trade_off else 6, 4.5), squeeze=False)
-    against = axes[0][-1]
-    for b, marker in zip(swept, "osD^v<>"):
+    # Without no-target samples N-acc and T-acc are both 0 (official): nothing to trade.
+    trade_off = "N-acc" in keys and any(p["metrics"]["N-acc"] or p["metrics"]["T-acc"] for b in swept for p in b["sweep"])
+    figure = new_figure(SWEEP_PLOT, 11 if trade_off else 6, 4.5)
+    axes = figure.subplots(1, 2 if trade_off else 1, squeeze=False)[0]
+    against = axes[-1]
+    for b, marker in zip(swept, itertools.cycle("osD^v<>")):
         thresholds = [p["score_threshold"] for p in b["sweep"]]
         for key, style in zip(keys[:2], ("-", "--")):
             against.plot(thresholds, [p["metrics"][key] for p in b["sweep"]], style, marker=marker, label=f"{key}, {b['label']}")
         if trade_off:
-            ax = axes[0][0]
             t_acc, n_acc = [p["metrics"]["T-acc"] for p in b["sweep"]], [p["metrics"]["N-acc"] for p in b["sweep"]]
-            line, = ax.plot(t_acc, n_acc, "-", marker=marker, label=b["label"])
+            line, = axes[0].plot(t_acc, n_acc, "-", marker=marker, label=b["label"])
             labels: dict[tuple[float, float], list[str]] = {}  # thresholds that decide alike share one point
             for threshold, x, y in zip(thresholds, t_acc, n_acc):
                 labels.setdefault((x, y), []).append(f"{threshold:g}")
-                if threshold == b["score_threshold"]:
-                    ax.plot([x], [y], linestyle="none", marker="o", markersize=13, fillstyle="none", color=line.get_color(),
-                            label=f"{b['label']}: its own threshold")
+                if math.isclose(threshold, b["score_threshold"]):
+                    axes[0].plot([x], [y], linestyle="none", marker="o", markersize=13, fillstyle="none",
+                                 color=line.get_color(), label=f"{b['label']}: its own threshold")
             for (x, y), names in labels.items():
-                ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                axes[0].annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if trade_off:
-        ax = axes[0][0]
-        ax.set(xlabel="T-acc % (expressions with a referent kept)", ylabel="N-acc % (no-target expressions recognised)",
-               title="no-target decision: labels are score thresholds")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        axes[0].set(xlabel="T-acc % (expressions with a referent kept)",
+                    ylabel="N-acc % (no-target expressions recognised)", title="no-target decision: labels are score thresholds")
+        axes[0].grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
     against.set(xlabel="score threshold", ylabel="%", title=f"{' and '.join(keys[:2])} against the score threshold")
     against.grid(alpha=0.3)
     against.legend(fontsize=8)
     figure.suptitle(f"{run['dataset']} {run['split']}, {summary['samples']} samples", fontsize=10)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure, dpi=110)
 
 
 # --- merging shards -------------------------------------------------------------------------------------
@@ -956,7 +949,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "the official RefCOCO numbers used 0.7 (tools/test.py's default)")
     p.add_argument("--score-sweep", type=threshold_list, default=(), metavar="T,T,...",
                    help="also score every backend at these score thresholds from the same model outputs (e.g. "
-                   "0.5,0.6,0.7,0.8,0.9): a table, and OUT/score_sweep.png with the N-acc / T-acc trade-off on gRefCOCO; "
+                   f"0.5,0.6,0.7,0.8,0.9): a table, and OUT/{SWEEP_PLOT} with the N-acc / T-acc trade-off on gRefCOCO; "
                    "not for triton, whose server decides with one threshold")
     p.add_argument("--query-sa", choices=QUERY_SA_MODES, default="per_sample",
                    help="torch: per_sample (batch-invariant; = official at batch 1, the gRefCOCO runs) or official_batch "

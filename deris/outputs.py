@@ -1,4 +1,5 @@
-"""Result files shared by ``deris predict`` and ``deris client``: mask PNG, overlay PNG, scores JSON.
+"""Result files shared by ``deris predict`` and ``deris client``: mask PNG, overlay PNG, scores JSON; and the
+plots other commands write (matplotlib figures built outside pyplot, so no global state or GUI backend).
 
 Every file is written to a temporary name in the target directory and renamed into place, so a
 reader never sees a half-written file.
@@ -6,11 +7,13 @@ reader never sees a half-written file.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -18,9 +21,35 @@ from PIL import Image, ImageDraw, ImageFont
 from deris.atomic import OutputError, atomic_write
 from deris.prediction import Prediction
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # What lies outside the mask keeps this share of its brightness; the mask keeps all of it.
 DIM = 0.4
 _DIMMED = np.round(np.arange(256) * DIM).astype(np.uint8)  # uint8 -> dimmed uint8, without a float copy
+
+
+MATPLOTLIB = "needs matplotlib: pip install 'deris[bench]'"
+
+
+def has_matplotlib() -> bool:
+    """Whether plots can be drawn (checked before long work that ends in one)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def new_figure(what: str, width: float, height: float) -> Figure:
+    """A matplotlib figure of ``width`` x ``height`` inches; OutputError naming ``what`` without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise OutputError(f"{what} {MATPLOTLIB}") from None
+    return Figure(figsize=(width, height))
+
+
+def figure_png(figure: Figure, dpi: int = 100) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -33,13 +33,24 @@ def decide(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B,N,h,w] logits, [B,N,2] refer logits -> (scores [B,N], selected [B,N] bool,
     mask [B,4h,4w] bool at the model's input resolution)."""
-    check_threshold("score_threshold", score_threshold)
-    check_threshold("mask_threshold", mask_threshold)
-    scores = refer_logits.softmax(-1)[..., 0]
-    selected = scores > score_threshold
-    binary = upsample_masks(mask_logits_lowres).sigmoid() >= mask_threshold
-    mask = (binary & selected[:, :, None, None]).any(dim=1)
+    scores, query_masks = _scores_and_query_masks(mask_logits_lowres, refer_logits, mask_threshold)
+    selected, mask = _select(scores, query_masks, score_threshold)
     return scores, selected, mask
+
+
+def _scores_and_query_masks(
+    mask_logits_lowres: torch.Tensor, refer_logits: torch.Tensor, mask_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query referring scores [B,N] and binary masks [B,N,4h,4w]: what every score threshold decides from."""
+    check_threshold("mask_threshold", mask_threshold)
+    return refer_logits.softmax(-1)[..., 0], upsample_masks(mask_logits_lowres).sigmoid() >= mask_threshold
+
+
+def _select(scores: torch.Tensor, query_masks: torch.Tensor, score_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries above ``score_threshold`` (strictly) and the OR of their masks."""
+    check_threshold("score_threshold", score_threshold)
+    selected = scores > score_threshold
+    return selected, (query_masks & selected[:, :, None, None]).any(dim=1)
 
 
 def postprocess(
@@ -53,9 +64,10 @@ def postprocess(
 ) -> list[Prediction]:
     """Batch outputs -> one :class:`Prediction` per sample, masks at each original size; with ``sweep``, each
     prediction also holds the mask and decision at those score thresholds (``Prediction.by_threshold``)."""
-    scores, selected, mask = decide(mask_logits_lowres, refer_logits, score_threshold, mask_threshold)
+    scores, query_masks = _scores_and_query_masks(mask_logits_lowres, refer_logits, mask_threshold)
+    selected, mask = _select(scores, query_masks, score_threshold)
     existence = existence_logits.sigmoid().reshape(-1)
-    others = {t: decide(mask_logits_lowres, refer_logits, t, mask_threshold)[1:] for t in sweep}
+    others = {t: _select(scores, query_masks, t) for t in sweep}  # the same masks, decided again
     results = []
     for b, size in enumerate(original_sizes):
         chosen = [int(i) for i in torch.nonzero(selected[b]).flatten()]

@@ -364,6 +364,12 @@ def test_shards_merge_to_the_single_process_run(data_root: Path, tiny_export: Ti
     assert deris_main(["eval-merge", str(shards[0]), str(tmp_path / "full"), "--out", str(tmp_path / "m3")]) == 2
     assert "not a shard of the same run" in capsys.readouterr().err
     assert (merged / "score_sweep.png").is_file()  # RefCOCO: mIoU and oIoU against the threshold
+    # A shard scored without the sweep belongs to another run.
+    plain = [arg for arg in two if arg not in ("--score-sweep", "0.6,0.9")]
+    assert deris_main(eval_args(data_root, tiny_export, "refcoco", tmp_path / "plain", *plain, "--shard", "0/2")) == 0
+    capsys.readouterr()
+    assert deris_main(["eval-merge", str(tmp_path / "plain" / "shard-0-of-2"), str(shards[0]), "--out", str(tmp_path / "m4")]) == 2
+    assert "not a shard of the same run" in capsys.readouterr().err
 
 
 # --- outputs and errors ---------------------------------------------------------------------------------
@@ -427,3 +433,4 @@ def test_help_needs_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "--query-sa official_batch --batch-size 16 --score-threshold 0.7" in result.stdout
+    assert "0.9,0.95 \\\n      --out eval/demo-sweep" in result.stdout  # the example's line continuation is shown

@@ -541,10 +541,15 @@ def train(
         try:
             return _train(cfg, Path(out_dir), resume, quiet, on_step, rank, world, local_rank)
         except BaseException as error:
-            # The traceback keeps _train's locals alive, the DDP model among them: freed after the process group
-            # is destroyed, its reducer can wait for the other processes forever (Ctrl-C under torchrun hung a
-            # process until torchrun killed it). Free them here; the traceback keeps its lines.
-            traceback.clear_frames(error.__traceback__)
+            if world > 1:
+                # A traceback keeps _train's locals alive, the DDP model among them: freed after the process group
+                # is destroyed, its reducer can wait for the other processes forever (Ctrl-C under torchrun hung a
+                # process until torchrun killed it). Free them here, along the whole exception chain; the
+                # tracebacks keep their lines.
+                chained: BaseException | None = error
+                while chained is not None:
+                    traceback.clear_frames(chained.__traceback__)
+                    chained = chained.__cause__ or chained.__context__
             raise
 
 
@@ -572,10 +577,10 @@ def _train(
             # Each process takes every world-th sample of an epoch's order: another count would deal the rest of
             # the interrupted epoch differently, skipping some samples and repeating others.
             last = out_dir / LAST_CHECKPOINT
+            how = "in one process (without torchrun)" if saved_world == 1 else f"under torchrun --nproc_per_node {saved_world}"
             raise UsageError(
-                f"{last} was saved by {saved_world} training process(es) and this run has {world}; resume it with "
-                f"{saved_world} (torchrun --nproc_per_node {saved_world} ...), or start a new run from its weights "
-                f"with --init {last}"
+                f"{last} was saved by {saved_world} training process(es) and this run has {world}; resume it {how}, "
+                f"or start a new run from its weights with --init {last} (the optimizer state starts afresh)"
             )
 
     torch.manual_seed(cfg.seed)
