@@ -76,7 +76,7 @@ from deris.cli_support import (
 )
 from deris.config import QUERY_SA_MODES
 from deris.evaluation import GresMetrics, GresScore, RisMetrics, RisScore, mask_counts, metrics_from_state
-from deris.outputs import MATPLOTLIB, has_matplotlib
+from deris.outputs import MATPLOTLIB, figure_png, has_matplotlib, new_figure
 from deris.prediction import Prediction, check_threshold
 
 if TYPE_CHECKING:
@@ -812,8 +812,6 @@ def format_table(summary: dict[str, Any]) -> str:
 def sweep_plot(summary: dict[str, Any]) -> bytes:
     """The score-threshold sweep as a PNG: on gRefCOCO the N-acc / T-acc trade-off beside the first two metrics
     against the threshold, otherwise (or without no-target samples) those two metrics alone; one curve per backend."""
-    from deris.outputs import figure_png, new_figure
-
     run, swept = summary["run"], [b for b in summary["backends"] if b.get("sweep")]
     keys = list(swept[0]["metrics"])
     # Without no-target samples N-acc and T-acc are both 0 (official): nothing to trade.

@@ -363,7 +363,7 @@ class Settings:
     instances: int
     intra_op_threads: int
     max_queue_delay_us: int
-    score_threshold: float | None  # the server's default; None: the preset's
+    score_threshold: float  # the server's default (requests may override it)
 
 
 def generate_triton_repo(
@@ -397,19 +397,19 @@ def generate_triton_repo(
 
     if backend not in BACKENDS:
         raise RepoError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-    settings = Settings(
-        backend,
+    counts = (
         _check_count("max_batch_size", max_batch_size, 1),
         _check_count("instances", instances, 1),
         _check_count("intra_op_threads", intra_op_threads, 1),
         _check_count("max_queue_delay_us", max_queue_delay_us, 0),
-        None if score_threshold is None else _check_threshold(score_threshold),
     )
+    threshold = None if score_threshold is None else _check_threshold(score_threshold)
     out = Path(out_dir)
     check_output_dir(out, force)
     if (backend == "tensorrt") != (engines_dir is not None):
         raise RepoError("an engines directory (--engines) is required with the tensorrt backend and only used there")
     export = read_export(onnx_dir)
+    settings = Settings(backend, *counts, get_config(export.preset).score_threshold if threshold is None else threshold)
     names = graph_names(export, decoder)
     steps = ensemble_steps(export.topology, decoder)
     _check_graphs(export, names, steps)
@@ -463,9 +463,7 @@ def _results(num_queries: int) -> tuple[Tensor, ...]:
 
 
 def _thresholds(preset: str, settings: Settings) -> dict[str, str]:
-    cfg = get_config(preset)
-    score = cfg.score_threshold if settings.score_threshold is None else settings.score_threshold
-    return {"score_threshold": str(score), "mask_threshold": str(cfg.mask_threshold)}
+    return {"score_threshold": str(settings.score_threshold), "mask_threshold": str(get_config(preset).mask_threshold)}
 
 
 def _write_preprocess(repo: Path, export: Export, spm: Path, settings: Settings) -> None:

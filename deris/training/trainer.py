@@ -485,6 +485,16 @@ def _process_group() -> Iterator[tuple[int, int, int]]:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    except BaseException as error:
+        # A traceback keeps the block's locals alive, a DDP model among them: freed after the process group is
+        # destroyed, its reducer can wait for the other processes forever (Ctrl-C under torchrun hung a process
+        # until torchrun killed it). Free them first, along the whole exception chain; the tracebacks keep
+        # their lines.
+        chained: BaseException | None = error
+        while chained is not None:
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
+        raise
     finally:
         if owned:
             dist.destroy_process_group()
@@ -538,19 +548,7 @@ def train(
     """
     cfg.validate()
     with _process_group() as (rank, world, local_rank):
-        try:
-            return _train(cfg, Path(out_dir), resume, quiet, on_step, rank, world, local_rank)
-        except BaseException as error:
-            if world > 1:
-                # A traceback keeps _train's locals alive, the DDP model among them: freed after the process group
-                # is destroyed, its reducer can wait for the other processes forever (Ctrl-C under torchrun hung a
-                # process until torchrun killed it). Free them here, along the whole exception chain; the
-                # tracebacks keep their lines.
-                chained: BaseException | None = error
-                while chained is not None:
-                    traceback.clear_frames(chained.__traceback__)
-                    chained = chained.__cause__ or chained.__context__
-            raise
+        return _train(cfg, Path(out_dir), resume, quiet, on_step, rank, world, local_rank)
 
 
 def _train(
